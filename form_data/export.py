@@ -1,0 +1,117 @@
+"""Exports of downloaded splits into the formats the trainers read.
+
+Input: ``ROOT/{split}/<shard>/<key>.json`` (+ the image next to it), as img2dataset's ``files`` output writes them (and
+as ``form_data synth`` imitates). Output, every path relative to the file that lists it:
+
+* ``{split}_clip.csv``   open_clip CSV: tab-separated, header ``title\\tfilepath``;
+* ``{split}_dalle.jsonl`` DALLE: ``{"image_path": ..., "sentences": caption}``;
+* ``{split}_brivl.jsonl`` BriVL: ``{"image_id": ..., "sentences": [["sur_text", caption]], "bbox": []}``;
+* optionally ``wds/{split}-{i:05d}.tar`` webdataset shards (``key.<ext>`` + ``key.txt`` + ``key.json``).
+
+Every file is rewritten whole (atomically) on each run, in key order: re-running never duplicates a line.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from tqdm import tqdm
+
+from form_data.cli import UserError
+from form_data.fileio import StagedFiles, ensure_writable_dir, write_json
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    image: Path
+    caption: str
+
+
+def _one_line(text: str) -> str:
+    """Captions go into TSV/JSONL lines: tabs and line breaks become spaces."""
+    return " ".join(text.replace("\t", " ").splitlines()).strip()
+
+
+def iter_downloaded(split_dir: str | os.PathLike) -> Iterator[Sample]:
+    """Successful samples of one downloaded split, in key order."""
+    split_dir = Path(split_dir)
+    for meta_path in sorted(split_dir.glob("*/*.json")):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if meta.get("status") != "success":
+            continue
+        image = next((meta_path.with_suffix(ext) for ext in IMAGE_EXTS if meta_path.with_suffix(ext).is_file()), None)
+        if image is None:
+            continue
+        caption = meta.get("caption")
+        if caption is None:
+            txt = meta_path.with_suffix(".txt")
+            caption = txt.read_text(encoding="utf-8") if txt.is_file() else ""
+        yield Sample(key=str(meta.get("key") or meta_path.stem), image=image, caption=_one_line(caption))
+
+
+def export(root: str | os.PathLike, out: str | os.PathLike | None = None, splits: Sequence[str] = ("train", "val"),
+           webdataset: bool = False, shard_size: int = 10000, progress: bool = True) -> dict[str, int]:
+    """Write the exports of ``ROOT/{split}`` into ``out`` (default: ``root``). Returns samples per split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"download directory not found: {root}")
+    present = [s for s in splits if (root / s).is_dir()]
+    if not present:
+        raise UserError(f"{root} has none of the split folders {list(splits)} (run `form_data download` first)")
+    out_dir = ensure_writable_dir(out or root)
+    counts: dict[str, int] = {}
+    with StagedFiles() as staged:
+        for split in present:
+            samples = list(tqdm(iter_downloaded(root / split), desc=f"export {split}", unit="img", disable=not progress))
+            counts[split] = len(samples)
+
+            def rel(p: Path) -> str:
+                return Path(os.path.relpath(p.resolve(), out_dir.resolve())).as_posix()
+
+            with open(staged.path(out_dir / f"{split}_clip.csv"), "w", encoding="utf-8", newline="") as f:
+                f.write("title\tfilepath\n")
+                for s in samples:
+                    f.write(f"{s.caption}\t{rel(s.image)}\n")
+            with open(staged.path(out_dir / f"{split}_dalle.jsonl"), "w", encoding="utf-8") as f:
+                for s in samples:
+                    f.write(json.dumps({"image_path": rel(s.image), "sentences": s.caption}, ensure_ascii=False) + "\n")
+            with open(staged.path(out_dir / f"{split}_brivl.jsonl"), "w", encoding="utf-8") as f:
+                for s in samples:
+                    row = {"image_id": rel(s.image), "sentences": [["sur_text", s.caption]], "bbox": []}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if webdataset:
+                _write_shards(staged, out_dir / "wds", split, samples, shard_size)
+        write_json(staged.path(out_dir / "export_report.json"), {"samples": counts, "webdataset": webdataset})
+        staged.commit()
+    return counts
+
+
+def _write_shards(staged: StagedFiles, wds_dir: Path, split: str, samples: list[Sample], shard_size: int) -> None:
+    wds_dir.mkdir(parents=True, exist_ok=True)
+    for old in wds_dir.glob(f"{split}-*.tar"):  # a re-run with fewer samples must not leave stale shards behind
+        old.unlink()
+    for start in range(0, max(len(samples), 1), shard_size):
+        chunk = samples[start:start + shard_size]
+        if not chunk:
+            break
+        with tarfile.open(staged.path(wds_dir / f"{split}-{start // shard_size:05d}.tar"), "w") as tar:
+            for s in chunk:
+                files = {s.image.suffix.lower(): s.image.read_bytes(), ".txt": s.caption.encode("utf-8"),
+                         ".json": json.dumps({"key": s.key, "caption": s.caption}, ensure_ascii=False).encode()}
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{s.key}{ext}")
+                    info.size = len(data)
+                    info.mtime = 0
+                    tar.addfile(info, io.BytesIO(data))
