@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from form_data.cli import ArgumentParser, UserError, run
 
@@ -30,7 +30,8 @@ def _clean(a) -> None:
     from form_data.clean import clean
 
     report = clean(a.inputs, a.out, keywords=a.keywords, url_col=a.url_col, caption_col=a.caption_col,
-                   delimiter=a.delimiter, seed=a.seed, val_fraction=a.val_fraction, progress=not a.quiet)
+                   delimiter=a.delimiter, seed=a.seed, val_fraction=a.val_fraction, workers=a.workers or None,
+                   progress=not a.quiet)
     print(report.table())
     print(f"wrote {a.out}/train.csv, {a.out}/val.csv, {a.out}/clean_report.json")
 
@@ -107,6 +108,7 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--delimiter", help="CSV delimiter (default: ',' for .csv, tab for .tsv/.txt)")
     c.add_argument("--val-fraction", type=float, default=0.1)
     c.add_argument("--seed", type=int, default=0, help="shuffle/split seed")
+    c.add_argument("--workers", type=int, default=0, help="threads for the rules (0: one per CPU, at most 8)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_clean)
 

@@ -12,11 +12,11 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from form_data.cli import UserError
 from form_data.clean import read_split
+from form_data.cli import UserError
 from form_data.fileio import ensure_writable_dir, write_json
 
 MAX_SIDE = 512
@@ -24,13 +24,13 @@ MAX_ASPECT = 3.0
 MIN_SIDE = 50
 
 _CATEGORIES = (
-    ("too_small", re.compile(r"too small", re.I)),
-    ("too_elongated", re.compile(r"aspect ratio", re.I)),
+    ("too_small", re.compile(r"too small", re.IGNORECASE)),
+    ("too_elongated", re.compile(r"aspect ratio", re.IGNORECASE)),
     ("http_404", re.compile(r"\b404\b")),
-    ("http_error", re.compile(r"HTTP Error|status", re.I)),
-    ("timeout", re.compile(r"timed? ?out", re.I)),
-    ("decode_error", re.compile(r"identify image|truncated|decod|cannot|broken|invalid|not a", re.I)),
-    ("connection_error", re.compile(r"connect|refused|reset|resolve|URLError", re.I)),
+    ("http_error", re.compile(r"HTTP Error|status", re.IGNORECASE)),
+    ("timeout", re.compile(r"timed? ?out", re.IGNORECASE)),
+    ("decode_error", re.compile(r"identify image|truncated|decod|cannot|broken|invalid|not a", re.IGNORECASE)),
+    ("connection_error", re.compile(r"connect|refused|reset|resolve|URLError", re.IGNORECASE)),
 )
 
 

@@ -17,9 +17,9 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -82,11 +82,9 @@ def export(root: str | os.PathLike, out: str | os.PathLike | None = None, splits
 
             with open(staged.path(out_dir / f"{split}_clip.csv"), "w", encoding="utf-8", newline="") as f:
                 f.write("title\tfilepath\n")
-                for s in samples:
-                    f.write(f"{s.caption}\t{rel(s.image)}\n")
+                f.writelines(f"{s.caption}\t{rel(s.image)}\n" for s in samples)
             with open(staged.path(out_dir / f"{split}_dalle.jsonl"), "w", encoding="utf-8") as f:
-                for s in samples:
-                    f.write(json.dumps({"image_path": rel(s.image), "sentences": s.caption}, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps({"image_path": rel(s.image), "sentences": s.caption}, ensure_ascii=False) + "\n" for s in samples)
             with open(staged.path(out_dir / f"{split}_brivl.jsonl"), "w", encoding="utf-8") as f:
                 for s in samples:
                     row = {"image_id": rel(s.image), "sentences": [["sur_text", s.caption]], "bbox": []}

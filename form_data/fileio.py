@@ -6,8 +6,10 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
+
+from typing_extensions import Self
 
 from form_data.cli import UserError
 
@@ -74,7 +76,7 @@ class StagedFiles:
                 os.unlink(tmp)
         self._pending.clear()
 
-    def __enter__(self) -> "StagedFiles":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1,0 +1,535 @@
+"""Image-caption datasets over the formats that ``form_data export`` writes, all yielding the same sample dict.
+
+Every dataset item is ``{"image": FloatTensor[3, H, W] in [0, 1], "caption": str, "index": int, "skipped": int}``;
+:func:`collate` stacks a list of them into ``{"image": [B, 3, H, W], "caption": list[str], "index": LongTensor[B],
+"skipped": int}``.
+
+Formats (every image path inside a listing is resolved relative to the directory of the listing file):
+
+- :class:`CsvImageText`      - open_clip CSV, tab-separated, header ``title<TAB>filepath`` (names configurable);
+- :class:`JsonlImageText`    - DALLE JSONL ``{"image_path", "sentences"}`` or BriVL JSONL ``{"image_id", "sentences":
+  [["sur_text", caption], ...]}``, told apart by their keys;
+- :class:`ImageFolderDataset` - every image under a folder, caption from a sibling ``<stem>.txt`` (else ``""``);
+- :class:`WebDatasetShards`  - webdataset tar shards (``KEY.jpg`` + ``KEY.txt`` [+ ``KEY.json``]), read with ``tarfile``.
+
+:func:`open_dataset` picks the class from a path.
+
+Broken images (corrupt, truncated, empty, not an image, decompression bombs) never crash a run. A map-style dataset
+asked for index ``i`` falls through to ``i+1, i+2, ...`` (wrapping around) until an image loads, and reports how many
+files it passed over in the sample's ``skipped``; :class:`WebDatasetShards` drops the broken sample and adds it to the
+``skipped`` of the next sample it yields. Because the count travels with the samples it survives DataLoader worker
+processes: sum ``batch["skipped"]`` to count the broken files met. Each broken path is also logged once per process and
+kept in the dataset's ``broken`` set (per process: a worker's set is not seen by the main process).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import logging
+import os
+import random
+import re
+import struct
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torchvision import transforms as T
+
+from form_data.cli import UserError
+from form_data.fileio import read_jsonl
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_SKIP",
+    "CsvImageText",
+    "ImageFolderDataset",
+    "JsonlImageText",
+    "WebDatasetShards",
+    "collate",
+    "default_transform",
+    "expand_shards",
+    "load_image",
+    "open_dataset",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # webdataset member extensions, in order of preference
+MAX_SKIP = 64  # a map-style __getitem__ gives up after this many unreadable files in a row
+
+Sample = dict  # {"image": Tensor, "caption": str, "index": int, "skipped": int}
+Transform = Callable[[Image.Image], torch.Tensor]
+
+# What PIL and the OS raise for bad image data. Anything else (TypeError, AttributeError, ...) is a bug and propagates.
+BAD_IMAGE_ERRORS = (
+    OSError,  # includes UnidentifiedImageError, "image file is truncated", missing files, zero-byte files
+    UnidentifiedImageError,
+    ValueError,
+    SyntaxError,  # some plugins report malformed headers this way
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    zlib.error,
+    Image.DecompressionBombError,  # not an OSError
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Image.Image | None:
+    """Open and fully decode an image from a path or raw bytes; an RGB image, or None if it cannot be read.
+
+    Modes that have an RGB meaning are converted: L/1/P/CMYK/YCbCr directly, anything with alpha (RGBA, LA, PA, or a
+    palette/grayscale with a transparency entry) composited on white, and high-depth grayscale (I;16*, I, F) scaled
+    to 8 bits (see :func:`_to_8bit`). Corrupt, truncated, empty, non-image and decompression-bomb files give None.
+    """
+    try:
+        fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        with Image.open(fp) as img:
+            img.load()
+            return _to_rgb(img)
+    except BAD_IMAGE_ERRORS:
+        return None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        img = _to_8bit(img)
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """High-depth grayscale -> 8-bit ``L``, scaled by the range the pixel format (or the data) actually uses.
+
+    I;16* (16-bit): divided by 257 (65535 -> 255). ``I`` (32-bit int): by the smallest of 8/16/32 bits holding the
+    data's maximum (16-bit PNGs often open as ``I``). ``F``: ``[0, 1]`` data times 255, ``[0, 255]`` kept. Data outside
+    those ranges (negative values, larger floats) is stretched min..max to 0..255.
+    """
+    a = np.asarray(img, dtype=np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16"):
+        scale, offset = 255.0 / 65535.0, 0.0
+    elif lo >= 0 and img.mode == "F" and hi <= 1.0:
+        scale, offset = 255.0, 0.0
+    elif lo >= 0 and hi <= 255:
+        scale, offset = 1.0, 0.0
+    elif lo >= 0 and hi <= 65535 and img.mode != "F":
+        scale, offset = 255.0 / 65535.0, 0.0
+    else:
+        scale, offset = (255.0 / (hi - lo) if hi > lo else 0.0), lo
+    out = np.clip(np.rint((a - offset) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+def default_transform(image_size: int, random_crop: bool = False) -> Transform:
+    """PIL RGB image -> FloatTensor[3, image_size, image_size] in [0, 1].
+
+    Default: resize the shorter side to ``image_size`` (bicubic, antialiased), then center crop. With
+    ``random_crop``: ``RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(1, 1))`` on the decoded image, as the
+    seed's DALLE training did (it crops the full-resolution image, so the crop is resampled only once).
+    """
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
+        raise UserError(f"image_size must be a positive integer, got {image_size!r}")
+    bicubic = T.InterpolationMode.BICUBIC
+    if random_crop:
+        crop = T.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(1.0, 1.0), interpolation=bicubic,
+                                   antialias=True)
+        return T.Compose([crop, T.ToTensor()])
+    return T.Compose([T.Resize(image_size, interpolation=bicubic, antialias=True), T.CenterCrop(image_size),
+                      T.ToTensor()])
+
+
+def collate(batch: Sequence[Sample]) -> dict:
+    """Samples -> ``{"image": [B,3,H,W], "caption": list[str], "index": LongTensor[B], "skipped": int}``."""
+    return {
+        "image": torch.stack([s["image"] for s in batch]),
+        "caption": [s["caption"] for s in batch],
+        "index": torch.tensor([int(s["index"]) for s in batch], dtype=torch.long),
+        "skipped": sum(int(s["skipped"]) for s in batch),
+    }
+
+
+_warned: set[str] = set()  # broken paths already logged by this process
+
+
+def _note_broken(broken: set[str], path: str, why: str = "unreadable image") -> None:
+    broken.add(path)
+    if path not in _warned:
+        _warned.add(path)
+        log.warning("skipping %s: %s", path, why)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Map-style datasets
+
+
+class _Strings:
+    """A read-only list of strings packed into one numpy buffer.
+
+    DataLoader workers touching millions of small Python objects copy every page they sit on (reference counts), so
+    listings are kept as two arrays instead; they also pickle fast to spawned workers.
+    """
+
+    def __init__(self, items: Iterable[str]):
+        encoded = [s.encode("utf-8", errors="surrogateescape") for s in items]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self._data[self._offsets[i]:self._offsets[i + 1]].tobytes().decode("utf-8", errors="surrogateescape")
+
+
+class _ListedImages(Dataset):
+    """Base of the map-style datasets: image paths relative to ``root`` (+ captions); falls through broken images."""
+
+    def __init__(self, root: Path, paths: Sequence[str], captions: Sequence[str] | None, source: str,
+                 transform: Transform | None, image_size: int):
+        if not paths:
+            raise UserError(f"{source}: no images listed")
+        self.root = str(root)
+        self.source = source
+        self.transform = transform if transform is not None else default_transform(image_size)
+        self.broken: set[str] = set()
+        self._paths = _Strings(paths)
+        self._captions = _Strings(captions) if captions is not None else None
+        self._check_some_exist()
+
+    def _check_some_exist(self, probe: int = 16) -> None:
+        # Paths resolved against the wrong directory would otherwise only show as "no readable image" much later.
+        first = [self.image_path(i) for i in range(min(probe, len(self)))]
+        if not any(os.path.exists(p) for p in first):
+            raise UserError(f"{self.source}: none of the first {len(first)} listed images exists, e.g. {first[0]} "
+                            f"(image paths are resolved relative to {self.root})")
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def image_path(self, i: int) -> str:
+        return os.path.join(self.root, self._paths[i])
+
+    def caption(self, i: int) -> str:
+        return self._captions[i] if self._captions is not None else ""
+
+    def __getitem__(self, i: int) -> Sample:
+        n, i = len(self), int(i)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} samples")
+        i %= n
+        skipped = 0
+        for k in range(min(MAX_SKIP, n)):
+            j = (i + k) % n
+            path = self.image_path(j)
+            img = load_image(path)
+            if img is not None:
+                return {"image": self.transform(img), "caption": self.caption(j), "index": j, "skipped": skipped}
+            _note_broken(self.broken, path)
+            skipped += 1
+        raise RuntimeError(f"{self.source}: no readable image among {skipped} files from index {i} on "
+                           f"(first: {self.image_path(i)})")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, {len(self)} samples)"
+
+
+def _listing(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"no such file: {p}")
+    return p
+
+
+class CsvImageText(_ListedImages):
+    """open_clip-style CSV (tab-separated by default) with an image-path column and a caption column."""
+
+    def __init__(self, path: str | os.PathLike, img_key: str = "filepath", caption_key: str = "title",
+                 sep: str = "\t", transform: Transform | None = None, image_size: int = 256):
+        p = _listing(path)
+        paths, captions = [], []
+        try:
+            with open(p, encoding="utf-8-sig", newline="") as f:
+                reader = csv.reader(f, delimiter=sep)
+                header = next(reader, None)
+                if header is None:
+                    raise UserError(f"{p}: empty file, expected a header with columns {img_key!r} and {caption_key!r}")
+                missing = [k for k in (img_key, caption_key) if k not in header]
+                if missing:
+                    hint = f" - is the separator {sep!r} right?" if len(header) == 1 else ""
+                    raise UserError(f"{p}: no column {' or '.join(map(repr, missing))}; "
+                                    f"found columns: {', '.join(map(repr, header))}{hint}")
+                ii, ci = header.index(img_key), header.index(caption_key)
+                need = max(ii, ci) + 1
+                for row in reader:
+                    if not row:
+                        continue
+                    if len(row) < need:
+                        raise UserError(f"{p}:{reader.line_num}: {len(row)} columns, expected at least {need}")
+                    paths.append(row[ii])
+                    captions.append(row[ci])
+        except UnicodeDecodeError as e:
+            raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except csv.Error as e:
+            raise UserError(f"{p}: malformed CSV ({e})") from None
+        super().__init__(p.parent, paths, captions, str(p), transform, image_size)
+
+
+def _first_text(sentences: object) -> str:
+    """DALLE ``sentences``: a string, or a list whose first string is used."""
+    if isinstance(sentences, (list, tuple)):
+        return str(sentences[0]) if sentences else ""
+    return "" if sentences is None else str(sentences)
+
+
+def _brivl_text(sentences: object) -> str:
+    """BriVL ``sentences``: ``[[tag, text], ...]`` -> the ``sur_text`` text, else the first text."""
+    if not isinstance(sentences, (list, tuple)):
+        return _first_text(sentences)
+    for s in sentences:
+        if isinstance(s, (list, tuple)) and len(s) >= 2 and s[0] == "sur_text":
+            return str(s[1])
+    if not sentences:
+        return ""
+    first = sentences[0]
+    if isinstance(first, (list, tuple)):
+        return str(first[1] if len(first) > 1 else first[0]) if first else ""
+    return str(first)
+
+
+class JsonlImageText(_ListedImages):
+    """DALLE JSONL (``image_path`` + ``sentences``) or BriVL JSONL (``image_id`` + ``sentences``), auto-detected."""
+
+    LAYOUTS: ClassVar[dict[str, tuple[str, Callable[[object], str]]]] = {"image_path": ("dalle", _first_text), "image_id": ("brivl", _brivl_text)}
+
+    def __init__(self, path: str | os.PathLike, transform: Transform | None = None, image_size: int = 256):
+        p = _listing(path)
+        rows = read_jsonl(p)
+        if not rows:
+            raise UserError(f"{p}: no images listed")
+        first = rows[0] if isinstance(rows[0], dict) else {}
+        key = next((k for k in self.LAYOUTS if k in first), None)
+        if key is None:
+            raise UserError(f"{p}: row 1 has neither 'image_path' (DALLE) nor 'image_id' (BriVL); "
+                            f"found keys: {', '.join(map(repr, first)) or 'none'}")
+        self.layout, text = self.LAYOUTS[key]
+        paths, captions = [], []
+        for n, row in enumerate(rows, 1):
+            if not isinstance(row, dict) or key not in row or "sentences" not in row:
+                found = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+                raise UserError(f"{p}: row {n} lacks {key!r} or 'sentences' ({self.layout} layout); found: {found}")
+            paths.append(str(row[key]))
+            captions.append(text(row["sentences"]))
+        super().__init__(p.parent, paths, captions, str(p), transform, image_size)
+
+
+class ImageFolderDataset(_ListedImages):
+    """Every image file under ``root`` (recursive, sorted); caption = the sibling ``<stem>.txt`` if present, else ""."""
+
+    def __init__(self, root: str | os.PathLike, transform: Transform | None = None, image_size: int = 256):
+        r = Path(root)
+        if not r.is_dir():
+            raise UserError(f"no such directory: {r}")
+        rel = (p.relative_to(r) for p in r.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        paths = sorted(str(p) for p in rel if not any(part.startswith(".") for part in p.parts))  # skip hidden
+        if not paths:
+            raise UserError(f"{r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it")
+        super().__init__(r, paths, None, str(r), transform, image_size)
+
+    def caption(self, i: int) -> str:
+        txt = os.path.splitext(self.image_path(i))[0] + ".txt"
+        try:
+            with open(txt, encoding="utf-8", errors="replace") as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# webdataset shards
+
+_BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard paths from a list, a directory (its ``*.tar``), a glob, or a brace range ``shard-{000..009}.tar``."""
+    if isinstance(spec, (list, tuple)):
+        out = [s for item in spec for s in expand_shards(item)]
+        if not out:
+            raise UserError("no shards given")
+        return out
+    s = os.fspath(spec)
+    if os.path.isdir(s):
+        out = sorted(glob.glob(os.path.join(glob.escape(s), "*.tar")))
+        if not out:
+            raise UserError(f"{s}: no .tar shards in this directory")
+        return out
+    m = _BRACES.search(s)
+    if m:
+        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+        return [p for n in range(lo, hi + 1) for p in expand_shards(s[:m.start()] + f"{n:0{width}d}" + s[m.end():])]
+    if glob.has_magic(s):
+        out = sorted(p for p in glob.glob(s) if os.path.isfile(p))
+        if not out:
+            raise UserError(f"no shards match {s}")
+        return out
+    if not os.path.isfile(s):
+        raise UserError(f"no such shard: {s}")
+    return [s]
+
+
+def _split_key(name: str) -> tuple[str, str] | None:
+    """webdataset convention: ``dir/KEY.ext.more`` -> (``dir/KEY``, ``ext.more``); names without one give None."""
+    head, base = os.path.split(name)
+    if base.startswith(".") or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def _iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """(key, {ext: bytes}) per sample of a shard, streaming; only image and ``txt`` members are read.
+
+    A missing or damaged shard ends its stream with a warning instead of an exception.
+    """
+    key, files, n = None, {}, 0
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                split = _split_key(member.name) if member.isfile() else None
+                if split is None:
+                    continue
+                k, ext = split
+                if k != key:
+                    if files:
+                        yield key, files
+                        n += 1
+                    key, files = k, {}
+                wanted = ext == "txt" or ext in SHARD_IMAGE_EXTENSIONS
+                f = tar.extractfile(member) if wanted else None
+                files[ext] = f.read() if f is not None else None
+        if files:
+            yield key, files
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        log.warning("shard %s unreadable after %d samples, going on with the next one: %s", path, n, e)
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    # DataLoader workers started with spawn/forkserver see no process group, but inherit torchrun's environment.
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class WebDatasetShards(IterableDataset):
+    """Samples of webdataset tar shards, each shard read by exactly one (DDP rank, DataLoader worker).
+
+    Shards are dealt round-robin to ``rank * num_workers + worker_id``; with ``shuffle_shards`` the shard order is
+    first permuted with ``seed + epoch`` (the same permutation on every rank, see :meth:`set_epoch`). ``rank`` and
+    ``world_size`` default to torch.distributed's (or torchrun's RANK/WORLD_SIZE). Give every rank the same number
+    of samples (shards a multiple of ``world_size * num_workers``, of equal size) or DDP ranks will wait on each other.
+
+    ``index`` is the sample key as a number when the key's file name is all digits (as ``export`` writes), else -1.
+    A broken or image-less sample is dropped and counted in the ``skipped`` of the next sample yielded by the same
+    worker (the count of trailing broken samples of a worker is lost, there is no sample left to carry it).
+    """
+
+    def __init__(self, urls_or_glob: str | os.PathLike | Sequence[str | os.PathLike], transform: Transform | None = None,
+                 image_size: int = 256, shuffle_shards: bool = False, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None):
+        self.shards = expand_shards(urls_or_glob)
+        self.transform = transform if transform is not None else default_transform(image_size)
+        self.shuffle_shards = shuffle_shards
+        self.seed = seed
+        self.epoch = 0
+        self.rank, self.world_size = rank, world_size
+        self.broken: set[str] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use another shard permutation (with ``shuffle_shards``); call before creating the epoch's iterator."""
+        self.epoch = epoch
+
+    def my_shards(self) -> list[str]:
+        """The shards this (rank, worker) reads."""
+        rank, world = _rank_world()
+        rank = rank if self.rank is None else self.rank
+        world = world if self.world_size is None else self.world_size
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = list(self.shards)
+        if self.shuffle_shards:
+            random.Random(self.seed + self.epoch).shuffle(shards)
+        consumers = world * workers
+        if len(shards) < consumers and rank == 0 and worker == 0:
+            log.warning("%d shards for %d readers (%d ranks x %d workers): some read nothing",
+                        len(shards), consumers, world, workers)
+        return shards[rank * workers + worker::consumers]
+
+    def __iter__(self) -> Iterator[Sample]:
+        pending = 0
+        for shard in self.my_shards():
+            for key, files in _iter_tar(shard):
+                ext = next((e for e in SHARD_IMAGE_EXTENSIONS if files.get(e) is not None), None)
+                name = f"{shard}:{key}.{ext or '<image>'}"
+                img = load_image(files[ext]) if ext else None
+                if img is None:
+                    _note_broken(self.broken, name, "unreadable image" if ext else "no image in sample")
+                    pending += 1
+                    continue
+                caption = (files.get("txt") or b"").decode("utf-8", errors="replace").strip()
+                base = key.rsplit("/", 1)[-1]
+                index = int(base) if base.isascii() and base.isdigit() else -1
+                yield {"image": self.transform(img), "caption": caption, "index": index, "skipped": pending}
+                pending = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.shards)} shards)"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def open_dataset(path: str | os.PathLike | Sequence[str | os.PathLike], **kw) -> Dataset:
+    """The dataset for ``path``, by its form; ``kw`` go to the chosen class.
+
+    ``.csv``/``.tsv`` -> :class:`CsvImageText`; ``.jsonl`` -> :class:`JsonlImageText`; a ``.tar`` file, a glob or
+    brace pattern, a list of shards, or a directory holding ``.tar`` files -> :class:`WebDatasetShards`; any other
+    directory -> :class:`ImageFolderDataset`.
+    """
+    if isinstance(path, (list, tuple)):
+        return WebDatasetShards(path, **kw)
+    s = os.fspath(path)
+    p = Path(s)
+    if p.is_dir():
+        if any(c.suffix == ".tar" and c.is_file() for c in p.iterdir()):
+            return WebDatasetShards(s, **kw)
+        return ImageFolderDataset(s, **kw)
+    suffix = p.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return CsvImageText(s, **kw)
+    if suffix == ".jsonl":
+        return JsonlImageText(s, **kw)
+    if suffix == ".tar" or glob.has_magic(s) or _BRACES.search(s):
+        return WebDatasetShards(s, **kw)
+    if not p.exists():
+        raise UserError(f"no such file or directory: {s}")
+    raise UserError(f"{s}: unknown dataset format; expected a .csv/.tsv, a .jsonl, .tar shards or an image folder")
