@@ -316,3 +316,16 @@ def test_read_captions_errors(tmp_path):
     (tmp_path / "odd.jsonl").write_text('{"image": "a.jpg", "label": 3}\n', encoding="utf-8")
     with pytest.raises(UserError, match="fields found: image, label"):
         read_captions(tmp_path / "odd.jsonl")
+
+
+def test_real_cn_clip_vocab_tokenizes_chinese():
+    """With the optional cn_clip installed (make test installs it), the 21128-entry BERT vocab is the default."""
+    pytest.importorskip("cn_clip")
+    from form_data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    assert tok.vocab_size == 21128 and "cn_clip" in tok.source
+    ids = tok.encode(["这碗红烧牛肉面的肉很多，真好吃"], 32)[0].tolist()
+    assert ids[0] == tok.cls_id == 101 and tok.sep_id in ids
+    assert tok.unk_id not in ids
+    assert tok.decode(ids) == "这碗红烧牛肉面的肉很多，真好吃"
