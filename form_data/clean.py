@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from form_data.cli import UserError
-from form_data.fileio import StagedFiles, ensure_writable_dir, write_json
+from form_data.fileio import StagedFiles, ensure_writable_dir, utf8_error, write_json
 
 MAX_CAPTION_LEN = 32
 MAX_PIECE_LEN = 18
@@ -245,17 +245,6 @@ def _resolve(names: list[str], spec: str | int, what: str, path: Path) -> str:
     return ref
 
 
-def _first_bad_utf8_line(path: Path) -> int | None:
-    with pa.input_stream(str(path), compression="detect") as s:
-        data = s.read()
-    for lineno, line in enumerate(data.split(b"\n"), 1):
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError:
-            return lineno
-    return None
-
-
 def _csv_header(path: Path, delimiter: str) -> list[str]:
     with pa.input_stream(str(path), compression="detect") as s:
         head = s.read(1 << 20)
@@ -318,8 +307,7 @@ def iter_batches(path: str | os.PathLike, url_col: str | int = "url", caption_co
             yield pa.concat_arrays(buf_u), pa.concat_arrays(buf_c)
     except pa.ArrowInvalid as e:
         if "UTF8" in str(e) or "utf8" in str(e) or "UTF-8" in str(e):
-            line = _first_bad_utf8_line(path)
-            raise UserError(f"{path}:{line}: not valid UTF-8 text") from None
+            raise utf8_error(path) from None
         raise UserError(f"{path}: cannot parse as CSV ({e})") from None
 
 

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
 from form_data.cli import UserError
-from form_data.fileio import read_jsonl
+from form_data.fileio import read_jsonl, utf8_error
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -287,8 +287,8 @@ class CsvImageText(_ListedImages):
                         raise UserError(f"{p}:{reader.line_num}: {len(row)} columns, expected at least {need}")
                     paths.append(row[ii])
                     captions.append(row[ci])
-        except UnicodeDecodeError as e:
-            raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except UnicodeDecodeError:
+            raise utf8_error(p) from None
         except csv.Error as e:
             raise UserError(f"{p}: malformed CSV ({e})") from None
         super().__init__(p.parent, paths, captions, str(p), transform, image_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import tempfile
@@ -83,6 +84,21 @@ class StagedFiles:
         self.discard()  # after a commit there is nothing left to discard
 
 
+def utf8_error(path: str | os.PathLike) -> UserError:
+    """The error for a text file that is not UTF-8, naming its first bad line (gzip files are looked into)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    line_no = None
+    with opener(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                line_no = i
+                break
+    return UserError(f"{path}:{line_no}: not valid UTF-8 text" if line_no else f"{path}: not valid UTF-8 text")
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, ensure_ascii=False, indent=2)
@@ -103,11 +119,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise UserError(f"no such file: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
     return rows

@@ -35,7 +35,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from form_data.cli import UserError
-from form_data.fileio import atomic_write, ensure_writable_dir
+from form_data.fileio import atomic_write, ensure_writable_dir, utf8_error
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # build_vocab writes them first, in this order ([PAD] = 0)
@@ -372,8 +372,10 @@ def read_captions(path: str | os.PathLike) -> Iterator[str]:
     try:
         with _open_text(p) as f:
             first = next((line for line in f if line.strip()), "")
-    except (UnicodeDecodeError, OSError) as e:
-        raise UserError(f"cannot read captions from {p}: {e}") from None
+    except UnicodeDecodeError:
+        raise utf8_error(p) from None
+    except OSError as e:
+        raise UserError(f"cannot read captions from {p}: {e.strerror or e}") from None
     if not first:
         return iter(())
     if first.lstrip().startswith("{"):
@@ -402,8 +404,8 @@ def _iter_table(path: Path, delimiter: str, col: int) -> Iterator[str]:
             for row in reader:
                 if len(row) > col and row[col]:
                     yield row[col]
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
 
 
 def _iter_jsonl(path: Path) -> Iterator[str]:
@@ -418,5 +420,5 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
                 if isinstance(row, dict):
                     yield from (c for c in _json_captions(row) if c)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None

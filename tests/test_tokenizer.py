@@ -329,3 +329,25 @@ def test_real_cn_clip_vocab_tokenizes_chinese():
     assert ids[0] == tok.cls_id == 101 and tok.sep_id in ids
     assert tok.unk_id not in ids
     assert tok.decode(ids) == "这碗红烧牛肉面的肉很多，真好吃"
+
+
+def test_vocab_cli_builds_and_reports_bad_input(tmp_path, cli):
+    data = tmp_path / "train_clip.csv"
+    data.write_text("title\tfilepath\n大红色圆形\ta.png\n小蓝色星形\tb.png\n", encoding="utf-8")
+    r = cli("-m", "form_data", "vocab", str(data), "--out", str(tmp_path / "vocab.txt"))
+    assert r.returncode == 0, r.stderr
+    from form_data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "vocab.txt")
+    assert tok.unk_id not in tok.encode(["小红色星形"], 8)[0].tolist()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"image_path": "a.png", "sentences": "x"}\n{"image_path": "b.png", "sentences": "\xff"}\n')
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("a,b\n1,2\n", encoding="utf-8")
+    for args, needle in [((str(bad),), "bad.jsonl:2: not valid UTF-8"), ((str(tmp_path / "nope.csv"),), "nope.csv"),
+                         ((str(wrong),), "columns found: a, b")]:
+        r = cli("-m", "form_data", "vocab", *args, "--out", str(tmp_path / "v2.txt"))
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "v2.txt").exists()
