@@ -45,6 +45,16 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
                           timeout=600)
 
 
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """Assert the CLI error convention (exit 2, one line as a terminal shows it, no traceback); return the line."""
+    assert result.returncode == 2, result.stderr
+    # what a terminal shows: a progress bar that was cleared with "\r" leaves nothing
+    lines = [line.split("\r")[-1] for line in result.stderr.split("\n")]
+    lines = [line for line in lines if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
 @pytest.fixture
 def cli():
     return run_cli

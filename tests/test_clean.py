@@ -10,6 +10,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import one_line_error
 
 from form_data.clean import KeywordMatcher, clean, load_keywords, read_split, row_verdict, verdicts
 from form_data.cli import UserError
@@ -171,45 +172,35 @@ def test_caption_with_newline_and_quotes_in_csv(tmp_path):
 
 # ---- CLI errors: one line, exit 2, nothing half-written ------------------------------------------------------------
 
-def _one_line_error(result):
-    assert result.returncode == 2, result.stderr
-    # what a terminal shows: a progress bar that was cleared with "\r" leaves nothing
-    lines = [line.split("\r")[-1] for line in result.stderr.split("\n")]
-    lines = [line for line in lines if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
-
-
 def test_cli_errors(tmp_path, cli):
     out = tmp_path / "out"
-    msg = _one_line_error(cli("-m", "form_data", "clean", str(tmp_path / "nope.csv"), "--out", str(out)))
+    msg = one_line_error(cli("-m", "form_data", "clean", str(tmp_path / "nope.csv"), "--out", str(out)))
     assert "not found" in msg and "nope.csv" in msg
 
     wrong = write_csv(tmp_path / "wrong.csv", [("http://h/1", "米饭")], header=("link", "text"))
-    msg = _one_line_error(cli("-m", "form_data", "clean", str(wrong), "--out", str(out)))
+    msg = one_line_error(cli("-m", "form_data", "clean", str(wrong), "--out", str(out)))
     assert "'url'" in msg and "link" in msg and "text" in msg
 
     empty = tmp_path / "empty.csv"
     empty.write_text("", encoding="utf-8")
-    assert "empty" in _one_line_error(cli("-m", "form_data", "clean", str(empty), "--out", str(out)))
+    assert "empty" in one_line_error(cli("-m", "form_data", "clean", str(empty), "--out", str(out)))
     header_only = write_csv(tmp_path / "header.csv", [])
-    assert "no rows" in _one_line_error(cli("-m", "form_data", "clean", str(header_only), "--out", str(out)))
+    assert "no rows" in one_line_error(cli("-m", "form_data", "clean", str(header_only), "--out", str(out)))
 
     bad = tmp_path / "bad.csv"
     bad.write_bytes("url,caption\nhttp://h/1,米饭\nhttp://h/2,".encode() + b"\xff\xfe\xfa" + b"\n")
-    msg = _one_line_error(cli("-m", "form_data", "clean", str(bad), "--out", str(out)))
+    msg = one_line_error(cli("-m", "form_data", "clean", str(bad), "--out", str(out)))
     assert "bad.csv:3" in msg and "UTF-8" in msg
 
     good = write_csv(tmp_path / "good.csv", [("http://h/1", "米饭")])
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    msg = _one_line_error(cli("-m", "form_data", "clean", str(good), "--out", str(blocker / "sub")))
+    msg = one_line_error(cli("-m", "form_data", "clean", str(good), "--out", str(blocker / "sub")))
     assert "cannot write" in msg
 
-    assert "--val-fraction" in _one_line_error(
+    assert "--val-fraction" in one_line_error(
         cli("-m", "form_data", "clean", str(good), "--out", str(out), "--val-fraction", "1.5"))
-    assert "invalid" in _one_line_error(cli("-m", "form_data", "clean", str(good), "--out", str(out),
+    assert "invalid" in one_line_error(cli("-m", "form_data", "clean", str(good), "--out", str(out),
                                             "--seed", "abc"))
     assert not out.exists() or not any(out.iterdir()), "a failed run left files behind"
 

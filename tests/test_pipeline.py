@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 from PIL import Image
 
 from form_data import synth
@@ -167,27 +168,19 @@ def test_holdout_spec():
         synth.parse_holdout("红:方块")
 
 
-def _one_line_error(result):
-    assert result.returncode == 2, result.stderr
-    lines = [line.split("\r")[-1] for line in result.stderr.split("\n")]
-    lines = [line for line in lines if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
-
-
 def test_cli_errors_download_export_synth(tmp_path, cli):
-    assert "split file not found" in _one_line_error(
+    assert "split file not found" in one_line_error(
         cli("-m", "form_data", "download", str(tmp_path / "nope"), "--out", str(tmp_path / "o")))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad/train.csv").write_text("link,text\nhttp://x,米饭\n", encoding="utf-8")
     (tmp_path / "bad/val.csv").write_text("url,caption\n", encoding="utf-8")
-    assert "expected header url,caption" in _one_line_error(
+    assert "expected header url,caption" in one_line_error(
         cli("-m", "form_data", "download", str(tmp_path / "bad"), "--out", str(tmp_path / "o")))
-    assert "download directory not found" in _one_line_error(cli("-m", "form_data", "export", str(tmp_path / "x")))
-    assert "none of the split folders" in _one_line_error(cli("-m", "form_data", "export", str(tmp_path / "bad")))
-    assert "--image-size" in _one_line_error(
+    assert "download directory not found" in one_line_error(cli("-m", "form_data", "export", str(tmp_path / "x")))
+    assert "none of the split folders" in one_line_error(cli("-m", "form_data", "export", str(tmp_path / "bad")))
+    assert "--image-size" in one_line_error(
         cli("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--image-size", "1000"))
-    assert "--base-url" in _one_line_error(cli("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--raw"))
-    assert "invalid choice" in _one_line_error(cli("-m", "form_data", "frobnicate"))
+    assert "--base-url" in one_line_error(cli("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--raw"))
+    assert "invalid choice" in one_line_error(cli("-m", "form_data", "frobnicate"))
     r = cli("-m", "form_data", "clean", "--help")
     assert r.returncode == 0 and "--keywords" in r.stdout and "default" in r.stdout
