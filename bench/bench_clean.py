@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from form_data.clean import KeywordMatcher, clean, default_workers, load_keywords, verdicts_parallel
+from form_data.clean import CaptionRules, clean, default_workers, load_keywords
 
 # ---- the baseline: the seed's per-row rules ------------------------------------------------------------------------
 BAD = re.compile(r'[\d？【】《》:?<>"]')
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--keywords", help="keyword file (default: ../shared/data/foodNames.txt or generated)")
     ap.add_argument("--batch-rows", type=int, default=1 << 18)
+    ap.add_argument("--engine", default="auto", choices=["auto", "hyperscan", "ahocorasick"], help="keyword engine")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     a = ap.parse_args()
 
@@ -123,11 +124,11 @@ def main() -> None:
     # Ours gets the data as Arrow arrays, the form its CSV/parquet readers deliver it in.
     U, C = pa.array(urls, type=pa.string()), pa.array(captions, type=pa.string())
     timings = {}
-    verdicts_parallel(U.slice(0, 1000), C.slice(0, 1000), KeywordMatcher(keywords))  # warm-up: one-time setup
+    CaptionRules(keywords).apply(U.slice(0, 1000), C.slice(0, 1000))  # warm-up: one-time setup
     for workers in (1, default_workers()):
         t0 = time.perf_counter()
-        matcher = KeywordMatcher(keywords)
-        masks = [verdicts_parallel(U.slice(i, a.batch_rows), C.slice(i, a.batch_rows), matcher, workers)[0]
+        rules = CaptionRules(keywords, engine=a.engine)
+        masks = [rules.apply_parallel(U.slice(i, a.batch_rows), C.slice(i, a.batch_rows), workers)[0]
                  for i in range(0, a.rows, a.batch_rows)]
         ours_keep = np.concatenate(masks)
         timings[workers] = time.perf_counter() - t0

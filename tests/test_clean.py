@@ -12,19 +12,26 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import one_line_error
 
-from form_data.clean import KeywordMatcher, clean, load_keywords, read_split, row_verdict, verdicts
+from form_data.clean import CaptionRules, _hyperscan, clean, load_keywords, read_split, row_verdict
 from form_data.cli import UserError
 
 KW = ["牛肉面", "米饭", "饺子"]
+ENGINES = ["ahocorasick"] + (["hyperscan"] if _hyperscan() is not None else [])
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    return request.param
 
 
 def verdict(caption: str, keywords=KW) -> str:
-    """The vectorised path for one caption (must agree with the per-row reference)."""
-    matcher = KeywordMatcher(keywords) if keywords else None
-    mask, counts = verdicts(pa.array(["http://x/1.jpg"]), pa.array([caption]), matcher)
-    fast = "kept" if mask[0] else next(rule for rule, n in counts.items() if n)
-    assert fast == row_verdict("http://x/1.jpg", caption, set(keywords) if keywords else None)
-    return fast
+    """The vectorised path for one caption, with every engine (must agree with the per-row reference)."""
+    ref = row_verdict("http://x/1.jpg", caption, set(keywords) if keywords else None)
+    for engine in ENGINES:
+        mask, counts = CaptionRules(keywords, engine).apply(pa.array(["http://x/1.jpg"]), pa.array([caption]))
+        fast = "kept" if mask[0] else next(rule for rule, n in counts.items() if n)
+        assert fast == ref, engine
+    return ref
 
 
 def write_csv(path, rows, header=("url", "caption")):
@@ -89,24 +96,28 @@ def test_no_keyword_file_means_rule_off():
     assert verdict("什么都有", keywords=None) == "kept"
 
 
-def test_vectorised_equals_row_reference_on_random_text():
+def test_vectorised_equals_row_reference_on_random_text(engine):
     rnd = random.Random(1)
     alphabet = list("牛肉面米饭饺子好吃的很一个") + list(' ;,:?<>"？【】《》12３\t　，；abc')
     caps = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 40))) for _ in range(3000)]
     urls = [f"u{i}" if i % 97 else "" for i in range(len(caps))]
-    mask, counts = verdicts(pa.array(urls), pa.array(caps), KeywordMatcher(KW))
+    rules = CaptionRules(KW, engine)
+    mask, counts = rules.apply(pa.array(urls), pa.array(caps))
     ref = [row_verdict(u, c, set(KW)) for u, c in zip(urls, caps)]
     assert mask.tolist() == [r == "kept" for r in ref]
     for rule, n in counts.items():
         assert n == ref.count(rule), rule
     # a sliced array (non-zero offset) gives the same verdicts
-    sub_mask, _ = verdicts(pa.array(urls).slice(500, 700), pa.array(caps).slice(500, 700), KeywordMatcher(KW))
+    sub_mask, _ = rules.apply(pa.array(urls).slice(500, 700), pa.array(caps).slice(500, 700))
     assert sub_mask.tolist() == mask[500:1200].tolist()
+    par_mask, par_counts = rules.apply_parallel(pa.array(urls * 3), pa.array(caps * 3), workers=3)
+    assert par_mask.tolist() == mask.tolist() * 3 and par_counts == {r: 3 * k for r, k in counts.items()}
 
 
-def test_keyword_straddling_two_rows_is_not_a_match():
-    m = KeywordMatcher(["牛肉"])
-    assert m.contains_any(["好吃的牛", "肉很香", "牛肉"]).tolist() == [False, False, True]
+def test_keyword_straddling_two_rows_is_not_a_match(engine):
+    rules = CaptionRules(["牛肉"], engine)
+    assert rules.contains_keyword(["好吃的牛", "肉很香", "牛肉", "", "牛\x00肉"]).tolist() == [False, False, True, False,
+                                                                                        False]
 
 
 def test_keyword_file_crlf_bom_blank_lines(tmp_path):
