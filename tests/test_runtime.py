@@ -1,0 +1,180 @@
+"""The shared training runtime: schedules, parameter groups, checkpoints, resume, NaN stop, config flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from form_data.cli import UserError
+from train_runtime import RuntimeConfig, Task, Trainer, TrainingDiverged
+from train_runtime import checkpoint as ckpt
+from train_runtime.config import add_dataclass_args, parse_configs
+from train_runtime.optim import lr_factor, param_groups
+
+
+class Toy(Task):
+    """A small regression net with dropout (so the RNG state matters for resume)."""
+
+    def __init__(self, nan_at: int | None = None):
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.2), nn.ReLU(), nn.LayerNorm(32), nn.Linear(32, 1))
+        self.nan_at = nan_at
+
+    def modules(self):
+        return {"model": self.net}
+
+    def training_step(self, batch, step):
+        x, y = batch
+        loss = ((self.ddp["model"](x) - y) ** 2).mean()
+        if self.nan_at is not None and step >= self.nan_at:
+            loss = loss * float("nan")
+        return {"model": loss}, {"x_mean": float(x.mean())}
+
+    def meta(self):
+        return {"kind": "toy"}
+
+
+def toy_data(n: int = 200) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=g)
+    return TensorDataset(x, x.sum(1, keepdim=True))
+
+
+def cfg(tmp_path, **kw) -> RuntimeConfig:
+    base = dict(out_dir=str(tmp_path), max_steps=30, batch_size=16, log_every=1, save_every=10, workers=0, lr=1e-2,
+                warmup_steps=3)
+    return RuntimeConfig(**{**base, **kw})
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/model"] for r in rows if "loss/model" in r}
+
+
+def test_lr_schedule_warmup_cosine_constant():
+    assert lr_factor(0, 10, 100, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(70, 10, 100, "constant") == 1.0
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    m = nn.ModuleDict({"emb": nn.Embedding(10, 4), "lin": nn.Linear(4, 4), "norm": nn.LayerNorm(4),
+                       "conv": nn.Conv2d(3, 4, 3)})
+    m.register_parameter("pos_emb", nn.Parameter(torch.zeros(5, 4)))
+    decay, keep = param_groups(m, 0.1)
+    assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(m["lin"].weight), id(m["conv"].weight)}
+    assert len(keep["params"]) == 6  # emb, lin.bias, norm.weight, norm.bias, conv.bias, pos_emb
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    full = tmp_path / "full"
+    Trainer(cfg(full), Toy(), toy_data()).fit()
+    part = tmp_path / "part"
+    Trainer(cfg(part, max_time=1e-9), Toy(), toy_data()).fit()  # stops (and saves) after its first step
+    assert [p.name for p in ckpt.checkpoints(part)] == ["ckpt-00000001.pt"]
+    Trainer(cfg(part, resume="latest"), Toy(), toy_data()).fit()
+    a, b = losses(full), losses(part)
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    assert a == b  # bit for bit, across the epoch boundary (200 samples / 16 = 12 batches per epoch)
+    sd_a = torch.load(full / "ckpt-00000030.pt", weights_only=True)["modules"]["model"]
+    sd_b = torch.load(part / "ckpt-00000030.pt", weights_only=True)["modules"]["model"]
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_checkpoint_contents_keep_last_and_exports(tmp_path):
+    Trainer(cfg(tmp_path, keep_last=2, save_every=5, max_steps=23), Toy(), toy_data()).fit()
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["ckpt-00000020.pt", "ckpt-00000023.pt"]
+    state = ckpt.load(tmp_path / "ckpt-00000023.pt")
+    assert {"step", "epoch", "batch_in_epoch", "modules", "optimizers", "schedulers", "scaler", "rng", "config",
+            "meta"} <= set(state)
+    assert state["step"] == 23 and state["meta"] == {"kind": "toy"}
+    assert state["config"]["runtime"]["max_steps"] == 23
+    assert json.loads((tmp_path / "config.json").read_text())["runtime"]["batch_size"] == 16
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "model.safetensors")) == set(state["modules"]["model"])
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    Trainer(cfg(tmp_path, max_steps=10, save_every=10), Toy(), toy_data()).fit()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the process is killed in the middle of writing
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save({"step": 11}, tmp_path, 11)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["ckpt-00000010.pt"]
+    assert ckpt.load(ckpt.resolve("latest", tmp_path))["step"] == 10
+    # a temp file left by a SIGKILL (no cleanup ran) is ignored and removed on the next start
+    (tmp_path / ".ckpt-zzz.tmp").write_bytes(b"garbage")
+    Trainer(cfg(tmp_path, max_steps=12, resume="latest", save_every=10), Toy(), toy_data()).fit()
+    assert not list(tmp_path.glob(".ckpt-*.tmp"))
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"NaN/inf at step 7.*ckpt-00000005\.pt"):
+        Trainer(cfg(tmp_path, save_every=5), Toy(nan_at=7), toy_data()).fit()
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["ckpt-00000005.pt"]
+    assert ckpt.load(tmp_path / "ckpt-00000005.pt")["step"] == 5
+
+
+def test_bad_run_options_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="--batch-size"):
+        Trainer(cfg(tmp_path, batch_size=0), Toy(), toy_data())
+    with pytest.raises(UserError, match="fewer than one batch"):
+        Trainer(cfg(tmp_path, batch_size=500), Toy(), toy_data()).fit()
+    with pytest.raises(UserError, match="fp16 needs a CUDA"):
+        Trainer(cfg(tmp_path, precision="fp16"), Toy(), toy_data()).fit()
+    with pytest.raises(UserError, match="no such checkpoint"):
+        Trainer(cfg(tmp_path, resume=str(tmp_path / "nope.pt")), Toy(), toy_data()).fit()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        Trainer(cfg(tmp_path, resume=str(bad)), Toy(), toy_data()).fit()
+
+
+def test_grad_accum_matches_bigger_batch(tmp_path):
+    """Two micro-batches of 8 = one batch of 16 (no dropout, same data order): same updates up to float error."""
+
+    class NoDrop(Toy):
+        def __init__(self):
+            super().__init__()
+            self.net[1].p = 0.0
+
+    Trainer(cfg(tmp_path / "a", max_steps=5, batch_size=16), NoDrop(), toy_data(), shuffle=False).fit()
+    Trainer(cfg(tmp_path / "b", max_steps=5, batch_size=8, grad_accum=2), NoDrop(), toy_data(), shuffle=False).fit()
+    sa = ckpt.load(tmp_path / "a/ckpt-00000005.pt")["modules"]["model"]
+    sb = ckpt.load(tmp_path / "b/ckpt-00000005.pt")["modules"]["model"]
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+
+
+def test_config_flags_file_and_defaults(tmp_path):
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    add_dataclass_args(p, RuntimeConfig, defaults={"lr": 5e-4})
+    help_text = p.format_help()
+    assert "--batch-size" in help_text and "--batch_size" in help_text and "(default: 0.0005)" in help_text
+    conf = tmp_path / "c.yaml"
+    conf.write_text("batch_size: 7\nlr: 0.1\nschedule: constant\n")
+    _, (rc,) = parse_configs(p, ["--config", str(conf), "--lr", "0.2"], RuntimeConfig, defaults={"lr": 5e-4})
+    assert (rc.batch_size, rc.lr, rc.schedule, rc.max_steps) == (7, 0.2, "constant", 1000)
+    _, (rc,) = parse_configs(p, ["--max_steps", "9"], RuntimeConfig, defaults={"lr": 5e-4})
+    assert rc.max_steps == 9 and math.isclose(rc.lr, 5e-4)
+    conf.write_text("bogus_option: 1\n")
+    with pytest.raises(UserError, match="bogus_option"):
+        parse_configs(p, ["--config", str(conf)], RuntimeConfig)

@@ -1,0 +1,126 @@
+"""Complete, atomic, resumable checkpoints.
+
+A checkpoint is one ``torch.save`` file ``ckpt-{step:08d}.pt`` holding plain tensors and Python values only (so it
+loads with ``torch.load(weights_only=True)``): module and optimizer/scheduler/scaler states, step, epoch and
+data-loader position, the RNG states (python, numpy, torch, cuda) and the resolved config. It is written to a temp
+file and renamed into place: a kill during a save leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from form_data.cli import UserError
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[0]],
+        "python_gauss": random.getstate()[2],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[-1], tuple(py[:-1]), state.get("python_gauss")))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (temp files of an interrupted save are not listed)."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+
+
+def save(state: dict, run_dir: str | os.PathLike, step: int, keep_last: int = 3) -> Path:
+    """Write ``ckpt-{step}.pt`` atomically, then drop all but the newest ``keep_last``."""
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"ckpt-{step:08d}.pt"
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=d)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if keep_last > 0:
+        for old in checkpoints(d)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> None:
+    d = Path(run_dir)
+    if d.is_dir():
+        for p in d.glob(".ckpt-*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+def resolve(resume: str, run_dir: str | os.PathLike) -> Path | None:
+    """``--resume latest`` -> newest checkpoint of the run (None if there is none yet); a path -> that file."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoints(run_dir)
+        return found[-1] if found else None
+    p = Path(resume)
+    if p.is_dir():
+        found = checkpoints(p)
+        if not found:
+            raise UserError(f"--resume {resume}: no checkpoint in that directory")
+        return found[-1]
+    if not p.is_file():
+        raise UserError(f"--resume {resume}: no such checkpoint")
+    return p
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; a broken or foreign file is a UserError."""
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a loadable checkpoint ({msg})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a checkpoint of this toolkit (got {type(obj).__name__})")
+    return obj
+
+
+def export_safetensors(state_dict: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Model weights alone, as safetensors (contiguous, de-duplicated tensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+    return path

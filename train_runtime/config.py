@@ -1,0 +1,136 @@
+"""Dataclass configs as CLI flags (+ an optional YAML/JSON file), and back to plain JSON-able dicts.
+
+Every field ``foo_bar`` becomes ``--foo-bar`` (and the seed-compatible alias ``--foo_bar``); bools get
+``--foo/--no-foo``; tuples take several values. Precedence: dataclass default < ``--config FILE`` < explicit flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from form_data.cli import UserError
+
+T = TypeVar("T")
+
+
+@dataclass
+class RuntimeConfig:
+    """What every training run has, whatever the model."""
+
+    out_dir: str = "runs/train"  # run directory: checkpoints, metrics.jsonl, config.json, grids
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA where supported, else fp32) | fp32 | bf16 | fp16 (with GradScaler)
+    batch_size: int = 32  # per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps
+    max_time: float = 0.0  # stop (and save) after this many seconds of training; 0 = no limit
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 0.0  # max global grad norm per optimizer; 0 = off
+    workers: int = 2  # DataLoader worker processes
+    log_every: int = 10
+    save_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_last: int = 3  # checkpoints kept
+    eval_every: int = 0  # steps between evaluations; 0 = only at the end
+    sample_every: int = 0  # steps between image grids; 0 = only at the end
+    resume: str = ""  # "latest" (in out_dir) or a checkpoint path
+    report_to: str = "none"  # none | wandb (offline unless configured)
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int; ``Optional[str]`` -> str."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str | None = None,
+                       defaults: dict | None = None) -> None:
+    """One flag per field of ``cls``; --help shows each default (``defaults`` overrides the dataclass's)."""
+    target = parser.add_argument_group(group or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = (defaults or {}).get(f.name, default)
+        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        help_text = (f.metadata or {}).get("help", " ")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})"}
+        if tp is bool:
+            target.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) in (tuple, list):
+            inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            target.add_argument(*names, nargs="+", type=inner, metavar=f.name.upper(), **kw)
+        else:
+            target.add_argument(*names, type=tp if tp in (int, float, str) else str, metavar=f.name.upper(), **kw)
+
+
+def load_config_file(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML/JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build(cls: type[T], values: dict, strict: bool = False) -> T:
+    """Instantiate ``cls`` from the keys of ``values`` that are its fields (coercing lists to tuples)."""
+    names = {f.name for f in fields(cls)}
+    if strict:
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in values.items():
+        if k in names:
+            if typing.get_origin(_base_type(hints[k])) is tuple and isinstance(v, list):
+                v = tuple(v)
+            kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad {cls.__name__} options: {e}") from None
+
+
+def parse_configs(parser: argparse.ArgumentParser, argv, *classes: type,
+                  defaults: dict | None = None) -> tuple[argparse.Namespace, list]:
+    """Parse ``argv`` into one instance of each dataclass. Precedence: dataclass defaults < ``defaults`` (a package's
+    own, e.g. a higher lr for tokenizers) < ``--config FILE`` < explicit flags."""
+    args = parser.parse_args(argv)
+    explicit = {k: v for k, v in vars(args).items()}
+    merged = {**(defaults or {}), **load_config_file(explicit.get("config")), **explicit}
+    known = set().union(*({f.name for f in fields(c)} for c in classes))
+    unknown = sorted(k for k in load_config_file(explicit.get("config")) if k not in known and k not in explicit)
+    if unknown:
+        raise UserError(f"unknown option(s) in {explicit.get('config')}: {', '.join(unknown)}")
+    return args, [build(c, merged) for c in classes]
+
+
+def to_dict(obj) -> dict:
+    """A dataclass as a JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))

@@ -1,0 +1,422 @@
+"""The training loop every trainer shares.
+
+A model package describes its model as a :class:`Task` (modules to train, one loss per module, optional evaluation
+and image samples); :class:`Trainer` does everything else: devices and DDP, precision, data order, gradient
+accumulation and clipping, AdamW + LR schedule per module, logging, checkpoints, resume, signals.
+
+Reproducibility: the data order of an epoch is a function of (seed, epoch) only, the loader position, every RNG state
+and every optimizer state are in the checkpoint, so ``--resume latest`` after a kill continues the SAME trajectory
+(on CPU, bit for bit; random augmentations inside DataLoader workers are reproducible from epoch starts only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from form_data.cli import UserError
+from form_data.fileio import write_json
+from train_runtime import checkpoint as ckpt
+from train_runtime import distributed as distrib
+from train_runtime.config import RuntimeConfig, to_dict
+from train_runtime.optim import make_optimizer, make_scheduler
+
+
+class TrainingDiverged(UserError):
+    """A loss became NaN/inf: the run stops with this message; the last good checkpoint stays."""
+
+
+class Task:
+    """What a model package hands the trainer. Subclass and fill in.
+
+    ``trainer`` sets ``self.env`` (rank/device) and ``self.ddp`` (name -> the DDP-wrapped module, or the module itself
+    on one process) before the first step: call ``self.ddp[name](...)`` in :meth:`training_step` so gradients are
+    synchronised.
+    """
+
+    env: distrib.DistEnv
+    ddp: dict[str, nn.Module]
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trained modules, one optimizer each, in the order their losses are applied."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Losses per module name (each only trains that module) and extra scalars to log."""
+        raise NotImplementedError
+
+    def lr_scale(self, name: str) -> float:
+        return 1.0
+
+    def find_unused_parameters(self, name: str) -> bool:
+        return False
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Called on rank 0 every ``eval_every`` steps and at the end; returns metrics to log."""
+        return {}
+
+    def sample(self, step: int, run_dir: Path) -> None:
+        """Called on rank 0 every ``sample_every`` steps and at the end; writes image grids into ``run_dir``."""
+
+    def meta(self) -> dict:
+        """Stored in every checkpoint: whatever rebuilds the model without the training code (kind, model config)."""
+        return {}
+
+    def on_load(self, state: dict) -> None:
+        """Called after a checkpoint was restored (e.g. to restore a temperature schedule's extra state)."""
+
+
+class EpochSampler(Sampler[int]):
+    """Per-rank indices of an epoch: a permutation that depends only on (seed, epoch), split across ranks like
+    DistributedSampler (padded to equal length), optionally starting ``start`` samples in (for resume)."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool = True):
+        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+        self.epoch, self.start = 0, 0
+        self.per_rank = math.ceil(n / world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        order += order[: self.per_rank * self.world - self.n]
+        return order[self.rank::self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+    return precision
+
+
+class Trainer:
+    def __init__(self, cfg: RuntimeConfig, task: Task, dataset: Dataset, collate_fn: Callable | None = None,
+                 config: dict | None = None, shuffle: bool = True):
+        self.cfg, self.task, self.dataset, self.collate_fn, self.shuffle = cfg, task, dataset, collate_fn, shuffle
+        self.config = config if config is not None else {"runtime": to_dict(cfg)}
+        self.run_dir = Path(cfg.out_dir)
+        self._stop_signal = False
+        for name, value, ok in (("--batch-size", cfg.batch_size, cfg.batch_size >= 1),
+                                ("--grad-accum", cfg.grad_accum, cfg.grad_accum >= 1),
+                                ("--max-steps", cfg.max_steps, cfg.max_steps >= 1),
+                                ("--lr", cfg.lr, cfg.lr > 0), ("--workers", cfg.workers, cfg.workers >= 0),
+                                ("--save-every", cfg.save_every, cfg.save_every >= 1),
+                                ("--log-every", cfg.log_every, cfg.log_every >= 1)):
+            if not ok:
+                raise UserError(f"{name} must be positive, got {value}")
+        if cfg.schedule not in ("cosine", "constant"):
+            raise UserError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
+        if cfg.report_to not in ("none", "wandb"):
+            raise UserError(f"--report-to must be none or wandb, got {cfg.report_to!r}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to ``max_steps`` (or ``max_time``, or SIGTERM); returns the last logged metrics and evaluation."""
+        cfg = self.cfg
+        env = distrib.setup(cfg.device)
+        try:
+            return self._fit(env)
+        finally:
+            distrib.cleanup()
+
+    def _fit(self, env: distrib.DistEnv) -> dict:
+        cfg, task = self.cfg, self.task
+        precision = resolve_precision(cfg.precision, env.device)
+        if env.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create run directory {self.run_dir}: {e.strerror or e}") from None
+            ckpt.remove_stale_temps(self.run_dir)
+        distrib.barrier()
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        modules = task.modules()
+        task.env = env
+        task.ddp = {}
+        optimizers, schedulers = {}, {}
+        for name, module in modules.items():
+            module.to(env.device)
+            task.ddp[name] = (DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                  find_unused_parameters=task.find_unused_parameters(name))
+                              if env.distributed else module)
+            optimizers[name] = make_optimizer(module, cfg.lr * task.lr_scale(name), cfg.weight_decay,
+                                              (cfg.beta1, cfg.beta2), env.device)
+            schedulers[name] = make_scheduler(optimizers[name], cfg.warmup_steps, cfg.max_steps, cfg.schedule,
+                                              cfg.min_lr_ratio)
+        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                    if precision in ("bf16", "fp16") else contextlib.nullcontext())
+
+        sampler = EpochSampler(len(self.dataset), env.rank, env.world_size, cfg.seed, self.shuffle)
+        batches_per_epoch = sampler.per_rank // cfg.batch_size
+        if batches_per_epoch < 1:
+            raise UserError(f"the data set has {len(self.dataset)} samples: fewer than one batch of "
+                            f"{cfg.batch_size} per process ({env.world_size} process(es))")
+
+        step, epoch, batch_in_epoch = 0, 0, 0
+        resume_path = ckpt.resolve(cfg.resume, self.run_dir)
+        if resume_path is not None:
+            state = ckpt.load(resume_path)
+            for name, module in modules.items():
+                if name not in state.get("modules", {}):
+                    raise UserError(f"{resume_path}: no state for module {name!r}; is it a checkpoint of this trainer?")
+                module.load_state_dict(state["modules"][name])
+                optimizers[name].load_state_dict(state["optimizers"][name])
+                schedulers[name].load_state_dict(state["schedulers"][name])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            ckpt.set_rng_state(state["rng"])
+            task.on_load(state)
+            if env.is_main:
+                self._truncate_metrics(step)
+                print(f"resumed from {resume_path} at step {step}", flush=True)
+        if env.is_main:
+            write_json(self.run_dir / "config.json", {**self.config, "precision": precision,
+                                                      "world_size": env.world_size})
+        wandb_run = self._wandb(env) if cfg.report_to == "wandb" else None
+
+        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        last_ckpt = resume_path
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=self.run_dir.name, unit="step", disable=not env.is_main,
+                   dynamic_ncols=True)
+        window: dict[str, list[float]] = defaultdict(list)
+        window_samples, window_start = 0, time.perf_counter()
+        t_start = time.perf_counter()
+        last_log: dict = {}
+        stop_reason = "max_steps"
+        skipped_total = 0
+
+        def save_now() -> Path | None:
+            state = {
+                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "modules": {n: m.state_dict() for n, m in modules.items()},
+                "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": ckpt.rng_state(), "config": self.config, "meta": task.meta(),
+            }
+            path = ckpt.save(state, self.run_dir, step, cfg.keep_last) if env.is_main else None
+            distrib.barrier()
+            return path
+
+        try:
+            while step < cfg.max_steps and stop_reason == "max_steps":
+                sampler.set_epoch(epoch, start=batch_in_epoch * cfg.batch_size)
+                loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                    num_workers=cfg.workers, collate_fn=self.collate_fn, worker_init_fn=_seed_worker,
+                                    generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+                                    pin_memory=env.device.type == "cuda", persistent_workers=False)
+                it = iter(loader)
+                while step < cfg.max_steps:
+                    micro = [b for b in (next(it, None) for _ in range(cfg.grad_accum)) if b is not None]
+                    batch_in_epoch += len(micro)
+                    if len(micro) < cfg.grad_accum:
+                        epoch, batch_in_epoch = epoch + 1, 0  # the epoch is over (a partial group is dropped)
+                        break
+                    for name in modules:
+                        optimizers[name].zero_grad(set_to_none=True)
+                    for i, batch in enumerate(micro):
+                        if isinstance(batch, Mapping) and "skipped" in batch:
+                            skipped_total += int(batch["skipped"])
+                        self._micro_step(_to_device(batch, env.device), step, i == len(micro) - 1, autocast, scaler,
+                                         modules, window, env, last_ckpt)
+                    window_samples += cfg.batch_size * len(micro) * env.world_size
+                    for name in modules:
+                        opt = optimizers[name]
+                        if scaler is not None:
+                            scaler.unscale_(opt)
+                        if cfg.grad_clip > 0:
+                            norm = torch.nn.utils.clip_grad_norm_(modules[name].parameters(), cfg.grad_clip)
+                            window[f"grad_norm/{name}"].append(float(norm))
+                        if scaler is not None:
+                            scaler.step(opt)
+                        else:
+                            opt.step()
+                        schedulers[name].step()
+                    if scaler is not None:
+                        scaler.update()
+                    step += 1
+                    bar.update(1)
+
+                    if step % cfg.log_every == 0 or step == cfg.max_steps:
+                        elapsed = time.perf_counter() - window_start
+                        last_log = {"step": step, "epoch": epoch,
+                                    "lr": schedulers[next(iter(modules))].get_last_lr()[0],
+                                    **{k: float(np.mean(v)) for k, v in window.items()},
+                                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                                    "skipped_images": skipped_total}
+                        if env.is_main:
+                            self._log(last_log, wandb_run)
+                            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in last_log.items()
+                                             if k.startswith("loss/")})
+                        window.clear()
+                        window_samples, window_start = 0, time.perf_counter()
+                    if step % cfg.save_every == 0:
+                        last_ckpt = save_now() or last_ckpt
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                        self._evaluate(env, step, wandb_run)
+                    if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
+                        self._sample(env, step)
+                    out_of_time = cfg.max_time > 0 and time.perf_counter() - t_start > cfg.max_time
+                    if distrib.any_true(self._stop_signal or out_of_time, env.device):
+                        stop_reason = "sigterm" if self._stop_signal else "max_time"
+                        break
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, old_handler)
+
+        if step % cfg.save_every != 0:
+            last_ckpt = save_now() or last_ckpt
+        if stop_reason == "sigterm":
+            if env.is_main:
+                print(f"SIGTERM: saved step {step} to {self.run_dir}; resume with --resume latest", flush=True)
+            return {"stopped": "sigterm", "step": step}
+        result = {"train": last_log, "eval": self._evaluate(env, step, wandb_run), "step": step, "stopped": stop_reason}
+        self._sample(env, step)
+        if env.is_main:
+            for name, module in modules.items():
+                ckpt.export_safetensors(module.state_dict(), self.run_dir / f"{name}.safetensors",
+                                        {"step": step, "meta": json.dumps(task.meta())})
+            write_json(self.run_dir / "result.json", result)
+        if wandb_run is not None:
+            wandb_run.finish()
+        return result
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _micro_step(self, batch, step: int, sync: bool, autocast, scaler, modules: dict[str, nn.Module],
+                    window: dict[str, list[float]], env: distrib.DistEnv, last_ckpt) -> None:
+        """Forward + backward of one micro-batch; gradients are all-reduced only on the last one (``sync``)."""
+        with contextlib.ExitStack() as stack:
+            if not sync:
+                for m in self.task.ddp.values():
+                    if isinstance(m, DDP):
+                        stack.enter_context(m.no_sync())
+            with autocast:
+                losses, extra = self.task.training_step(batch, step)
+            finite = all(bool(torch.isfinite(v.detach()).all()) for v in losses.values())
+            if not distrib.all_true(finite, env.device):
+                bad = {k: float(v.detach()) for k, v in losses.items()}
+                raise TrainingDiverged(f"loss became NaN/inf at step {step} ({bad}); stopped. Last good checkpoint: "
+                                       f"{last_ckpt or 'none yet'} (lower --lr, set --grad-clip, or use fp32)")
+            names = list(losses)
+            for name in names:
+                loss = losses[name] / self.cfg.grad_accum
+                params = [p for p in modules[name].parameters() if p.requires_grad] if len(names) > 1 else None
+                (scaler.scale(loss) if scaler is not None else loss).backward(inputs=params)
+                window[f"loss/{name}"].append(float(losses[name].detach()))
+        for k, v in extra.items():
+            window[k].append(float(v))
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_signal = True
+
+    def _log(self, row: dict, wandb_run=None) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        """After a resume the log continues from the checkpoint: rows past it (from the killed run) are dropped."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _evaluate(self, env: distrib.DistEnv, step: int, wandb_run=None) -> dict:
+        metrics = {}
+        if env.is_main:
+            for m in self.task.modules().values():
+                m.eval()
+            with torch.no_grad():
+                metrics = self.task.evaluate(step) or {}
+            for m in self.task.modules().values():
+                m.train()
+            if metrics:
+                self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}, wandb_run)
+        distrib.barrier()
+        return metrics
+
+    def _sample(self, env: distrib.DistEnv, step: int) -> None:
+        if env.is_main:
+            for m in self.task.modules().values():
+                m.eval()
+            with torch.no_grad():
+                self.task.sample(step, self.run_dir)
+            for m in self.task.modules().values():
+                m.train()
+        distrib.barrier()
+
+    def _wandb(self, env: distrib.DistEnv):
+        if not env.is_main:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--report-to wandb needs the wandb package: pip install '.[wandb]'") from None
+        os.environ.setdefault("WANDB_MODE", "offline")
+        return wandb.init(project="zh-t2i", dir=str(self.run_dir), config=self.config, name=self.run_dir.name)
+
+
+def save_image_grid(images01: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
+    """Images in [0,1], [B,3,H,W] -> one PNG grid (atomically)."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    save_image(images01.detach().float().clamp(0, 1).cpu(), tmp, nrow=nrow, padding=2)
+    os.replace(tmp, path)
+    return path
