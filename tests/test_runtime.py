@@ -47,8 +47,8 @@ def toy_data(n: int = 200) -> TensorDataset:
 
 
 def cfg(tmp_path, **kw) -> RuntimeConfig:
-    base = dict(out_dir=str(tmp_path), max_steps=30, batch_size=16, log_every=1, save_every=10, workers=0, lr=1e-2,
-                warmup_steps=3)
+    base = {"out_dir": str(tmp_path), "max_steps": 30, "batch_size": 16, "log_every": 1, "save_every": 10,
+            "workers": 0, "lr": 1e-2, "warmup_steps": 3}
     return RuntimeConfig(**{**base, **kw})
 
 

@@ -1,0 +1,77 @@
+"""``python -m vae_train`` (train a dVAE or VQGAN), ``python -m vae_train tokenize`` (pre-tokenize a split),
+``python -m vae_train eval`` (PSNR / SSIM / codebook usage of a checkpoint on a split)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from form_data.cli import ArgumentParser, run
+from train_runtime import RuntimeConfig
+from train_runtime.config import add_dataclass_args, parse_configs
+from vae_train.train import VAEConfig
+
+RUNTIME_DEFAULTS = {"lr": 1e-3, "batch_size": 64, "max_steps": 2000, "warmup_steps": 100, "save_every": 500,
+                    "out_dir": "runs/vae"}
+
+
+def train_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m vae_train",
+                       description="Train an image tokenizer (dVAE or taming-compatible VQGAN) on the shared runtime. "
+                                   "Other commands: `python -m vae_train tokenize --help`, `... eval --help`.")
+    p.add_argument("--config", help="YAML/JSON file of options (flags override it)")
+    add_dataclass_args(p, VAEConfig, "model and data")
+    add_dataclass_args(p, RuntimeConfig, "run", defaults=RUNTIME_DEFAULTS)
+    return p
+
+
+def tokenize_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m vae_train tokenize",
+                       description="Encode a data set once into a token file for DALLE training.")
+    p.add_argument("--tokenizer", required=True, help="our run dir / ckpt-*.pt / model.safetensors, or a taming .ckpt")
+    p.add_argument("--yaml", help="taming model.yaml (with a taming .ckpt)")
+    p.add_argument("--data", required=True, help="split to encode (CSV / JSONL / image folder)")
+    p.add_argument("--out", required=True, help="token file to write (.pt)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def eval_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m vae_train eval", description="Reconstruction quality and codebook usage.")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--yaml", help="taming model.yaml (with a taming .ckpt)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--max-images", type=int, default=1000)
+    p.add_argument("--grid", help="also write a reconstruction grid PNG here")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "tokenize":
+        from vae_train.tokenize import tokenize
+
+        a = tokenize_parser().parse_args(argv[1:])
+        print(json.dumps(tokenize(a.tokenizer, a.data, a.out, a.batch_size, a.workers, a.device, a.yaml),
+                         ensure_ascii=False))
+        return 0
+    if argv and argv[0] == "eval":
+        from vae_train.evaluate import evaluate
+
+        a = eval_parser().parse_args(argv[1:])
+        print(json.dumps(evaluate(a.tokenizer, a.data, a.max_images, a.grid, a.device, a.yaml), ensure_ascii=False))
+        return 0
+    from vae_train.train import train
+
+    _, (vc, rc) = parse_configs(train_parser(), argv, VAEConfig, RuntimeConfig, defaults=RUNTIME_DEFAULTS)
+    result = train(vc, rc)
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, prog="python -m vae_train")

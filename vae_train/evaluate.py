@@ -1,0 +1,33 @@
+"""Evaluation of a tokenizer checkpoint on a split: PSNR, SSIM, codebook usage, optional reconstruction grid."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from form_data.datasets import collate, default_transform, open_dataset
+from train_runtime.trainer import save_image_grid
+from vae_train.load import load_image_tokenizer
+from vae_train.metrics import RunningStats
+
+
+def evaluate(tokenizer: str, data: str, max_images: int = 1000, grid: str | None = None, device: str = "auto",
+             yaml_path: str | None = None, batch_size: int = 64) -> dict:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model = load_image_tokenizer(tokenizer, yaml_path=yaml_path, device=dev)
+    ds = open_dataset(data, transform=default_transform(model.image_size), image_size=model.image_size)
+    n = min(len(ds), max_images)
+    stats = RunningStats(model.num_tokens)
+    first = None
+    with torch.no_grad():
+        for start in tqdm(range(0, n, batch_size), desc="eval", unit="batch"):
+            images = collate([ds[i] for i in range(start, min(n, start + batch_size))])["image"].to(dev)
+            idx = model.encode(images)
+            recon = model.decode(idx)
+            stats.update(images, recon, idx)
+            if first is None:
+                first = torch.cat([images[:8], recon[:8]])
+    if grid and first is not None:
+        save_image_grid(first, grid, nrow=min(8, len(first) // 2))
+    return {"images": n, **stats.result()}
