@@ -10,8 +10,8 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import one_line_error
 
+from conftest import one_line_error
 from form_data.clean import CaptionRules, _hyperscan, clean, load_keywords, read_split, row_verdict
 from form_data.cli import UserError
 

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 import nbformat
-from conftest import REPO
 from nbclient import NotebookClient
+
+from conftest import REPO
 
 
 def test_dealdata_notebook_runs(tmp_path, monkeypatch):

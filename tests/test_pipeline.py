@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line_error
 from PIL import Image
 
+from conftest import one_line_error
 from form_data import synth
 from form_data.clean import clean, read_split
 from form_data.download import categorize, download

@@ -322,7 +322,10 @@ class Trainer:
             if env.is_main:
                 print(f"SIGTERM: saved step {step} to {self.run_dir}; resume with --resume latest", flush=True)
             return {"stopped": "sigterm", "step": step}
-        result = {"train": last_log, "eval": self._evaluate(env, step, wandb_run), "step": step, "stopped": stop_reason}
+        result = {"train": last_log, "eval": self._evaluate(env, step, wandb_run), "step": step, "stopped": stop_reason,
+                  "world_size": env.world_size}
+        if env.distributed:
+            result["rank_param_max_diff"] = _rank_param_divergence(modules, env.device)
         self._sample(env, step)
         if env.is_main:
             for name, module in modules.items():
@@ -409,6 +412,22 @@ class Trainer:
             raise UserError("--report-to wandb needs the wandb package: pip install '.[wandb]'") from None
         os.environ.setdefault("WANDB_MODE", "offline")
         return wandb.init(project="zh-t2i", dir=str(self.run_dir), config=self.config, name=self.run_dir.name)
+
+
+def _rank_param_divergence(modules: dict[str, nn.Module], device: torch.device) -> float:
+    """Largest difference between ranks of any per-tensor statistic (sum, sum of squares, first and last value) of
+    the trained parameters: 0.0 when DDP kept every rank's model identical."""
+    import torch.distributed as dist
+
+    stats = []
+    for m in modules.values():
+        for p in m.parameters():
+            flat = p.detach().double().flatten()
+            stats.append(torch.stack([flat.sum(), (flat * flat).sum(), flat[0], flat[-1]]))
+    mine = torch.cat(stats).to(device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return max(float((g - gathered[0]).abs().max()) for g in gathered)
 
 
 def save_image_grid(images01: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:

@@ -117,6 +117,9 @@ class DVAEConfig:
     temperature: float = 0.9  # Gumbel-softmax tau (forward(temperature=...) overrides it)
     straight_through: bool = False  # hard (one-hot) Gumbel-softmax forward, soft gradient
     kl_div_loss_weight: float = 0.0  # weight of KL(q(z|x) || uniform), see DiscreteVAE.forward
+    quantizer: str = "gumbel"  # gumbel (DALL-E / DALLE-pytorch) | vq (nearest code, straight-through, commitment)
+    beta: float = 0.25  # vq: commitment weight
+    restart_dead_codes: bool = True  # vq: codes unused for ~100 steps are moved onto random encoder outputs
     normalize: bool = True  # apply (x - mean) / std to the first len(norm_mean) channels inside the model
     norm_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     norm_std: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -129,6 +132,8 @@ class DVAEConfig:
             raise ValueError(f"num_layers must be >= 1 and leave a token grid of at least 1x1, got {self.num_layers}")
         if len(self.norm_mean) != len(self.norm_std) or len(self.norm_mean) > self.channels:
             raise ValueError("norm_mean and norm_std must have the same length, at most `channels`")
+        if self.quantizer not in ("gumbel", "vq"):
+            raise ValueError(f"quantizer must be gumbel or vq, got {self.quantizer!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,8 +186,10 @@ class DiscreteVAE(nn.Module):
             enc.append(nn.Sequential(nn.Conv2d(dim_in, hidden, 4, stride=2, padding=1), nn.ReLU()))
             dim_in = hidden
         enc += [DVAEResBlock(hidden) for _ in range(cfg.num_resnet_blocks)]
-        enc.append(nn.Conv2d(hidden, cfg.num_tokens, 1))
+        enc.append(nn.Conv2d(hidden, cfg.num_tokens if cfg.quantizer == "gumbel" else cfg.codebook_dim, 1))
         self.encoder = nn.Sequential(*enc)
+        if cfg.quantizer == "vq":  # EMA of each code's share of the assignments (persistent: resumes exactly)
+            self.register_buffer("code_usage", torch.zeros(cfg.num_tokens))
 
         dec: list[nn.Module] = []
         if has_res:
@@ -248,6 +255,8 @@ class DiscreteVAE(nn.Module):
 
         ``temperature`` overrides ``self.temperature`` (which a trainer may anneal) for this call.
         """
+        if self.cfg.quantizer == "vq":
+            return self._forward_vq(images01)
         logits = self.logits(images01)
         tau = self.temperature if temperature is None else temperature
         one_hot = F.gumbel_softmax(logits, tau=tau, dim=1, hard=self.cfg.straight_through)
@@ -261,6 +270,46 @@ class DiscreteVAE(nn.Module):
         loss = recon + self.cfg.kl_div_loss_weight * kl
         return loss, {"recon": recon.detach(), "kl": kl.detach()}, self.denormalize(out)
 
+    def _nearest(self, z: Tensor) -> Tensor:
+        """Index of the nearest code (squared L2) for every cell of z [B, D, h, w] -> [B, h, w]."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        e = self.codebook.weight
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+        return d.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
+
+    def _forward_vq(self, images01: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """VQ-VAE step: nearest code, straight-through gradient, codebook + beta * commitment loss."""
+        _check_images(images01, self.cfg.channels, self.downsample_factor)
+        z = self.encoder(self.normalize(images01))
+        idx = self._nearest(z.detach())
+        zq = self.codebook(idx).permute(0, 3, 1, 2)
+        codebook_loss = F.mse_loss(zq, z.detach())
+        commit = F.mse_loss(z, zq.detach())
+        out = self.decoder(z + (zq - z).detach())
+        target = self.normalize(images01)
+        recon = F.smooth_l1_loss(out, target) if self.cfg.smooth_l1_loss else F.mse_loss(out, target)
+        loss = recon + codebook_loss + self.cfg.beta * commit
+        if self.training and self.cfg.restart_dead_codes:
+            self._restart_dead_codes(idx, z.detach())
+        return loss, {"recon": recon.detach(), "commit": commit.detach()}, self.denormalize(out)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, idx: Tensor, z: Tensor, decay: float = 0.99) -> None:
+        """Codes whose usage EMA fell under 3% of uniform are moved onto random encoder outputs of this batch (on
+        several processes, rank 0's choice is broadcast so every replica keeps the same codebook)."""
+        n = self.num_tokens
+        share = torch.bincount(idx.flatten(), minlength=n).float() / idx.numel()
+        self.code_usage.mul_(decay).add_(share, alpha=1 - decay)
+        dead = self.code_usage < 0.03 / n
+        if bool(dead.any()):
+            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
+            self.codebook.weight.data[dead] = flat[pick].to(self.codebook.weight.dtype)
+            self.code_usage[dead] = 1.0 / n
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(self.codebook.weight.data, src=0)
+            torch.distributed.broadcast(self.code_usage, src=0)
+
     def loss(self, images01: Tensor, temperature: float | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Same as calling the module (see :meth:`forward`); a readable name for training loops."""
         return self(images01, temperature)
@@ -268,7 +317,11 @@ class DiscreteVAE(nn.Module):
     # -- ImageTokenizer -----------------------------------------------------------------------------------------------
     @inference
     def encode(self, images: Tensor) -> Tensor:
-        """[B, C, H, W] in [0, 1] -> LongTensor [B, (H/f)*(W/f)]: argmax of the logits, row-major."""
+        """[B, C, H, W] in [0, 1] -> LongTensor [B, (H/f)*(W/f)], row-major: argmax of the logits (gumbel) or the
+        nearest code (vq)."""
+        if self.cfg.quantizer == "vq":
+            _check_images(images, self.cfg.channels, self.downsample_factor)
+            return self._nearest(self.encoder(self.normalize(images))).flatten(1)
         return self.logits(images).argmax(dim=1).flatten(1)
 
     @inference

@@ -49,8 +49,8 @@ class VAEConfig:
     attn_resolutions: tuple[int, ...] = ()
     z_channels: int = 64
     dropout: float = 0.0
-    quantizer: str = "vq"  # vq | gumbel
-    beta: float = 0.25  # commitment weight
+    quantizer: str = ""  # gumbel | vq; empty = the model's own (dVAE: gumbel as DALL-E; VQGAN: vq as taming)
+    beta: float = 0.25  # commitment weight (vq)
     init_from: str = ""  # fine-tune: a taming last.ckpt (with --init-yaml) or one of our checkpoints
     init_yaml: str = ""
     trust_checkpoint: bool = False  # allow pickle when loading --init-from (Lightning files need it)
@@ -72,7 +72,8 @@ def build_model(vc: VAEConfig) -> DiscreteVAE | VQGAN:
                                       num_layers=vc.num_layers, num_resnet_blocks=vc.num_resnet_blocks,
                                       hidden_dim=vc.hidden_dim, temperature=vc.temperature,
                                       straight_through=vc.straight_through, kl_div_loss_weight=vc.kl_loss_weight,
-                                      smooth_l1_loss=vc.smooth_l1_loss))
+                                      smooth_l1_loss=vc.smooth_l1_loss, quantizer=vc.quantizer or "gumbel",
+                                      beta=vc.beta))
     if vc.model == "vqgan":
         if vc.init_from:
             from vae_train.load import load_image_tokenizer
@@ -88,7 +89,7 @@ def build_model(vc: VAEConfig) -> DiscreteVAE | VQGAN:
         return VQGAN(VQGANConfig(embed_dim=vc.emb_dim, n_embed=vc.num_tokens, z_channels=vc.z_channels,
                                  resolution=vc.image_size, ch=vc.ch, ch_mult=tuple(vc.ch_mult),
                                  num_res_blocks=vc.num_res_blocks, attn_resolutions=tuple(vc.attn_resolutions),
-                                 dropout=vc.dropout, quantizer=vc.quantizer, beta=vc.beta))
+                                 dropout=vc.dropout, quantizer=vc.quantizer or "vq", beta=vc.beta))
     raise UserError(f"--model must be dvae or vqgan, got {vc.model!r}")
 
 

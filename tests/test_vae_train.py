@@ -1,0 +1,195 @@
+"""vae_train on the shared runtime, end to end: training, PSNR, resume after kill -9, SIGTERM, torchrun, broken
+images, tokenize / eval / load_image_tokenizer, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, one_line_error
+from form_data import synth
+from form_data.cli import UserError
+from train_runtime import RuntimeConfig
+from vae_train.load import load_image_tokenizer
+from vae_train.train import VAEConfig, train
+
+TINY = ["--model", "dvae", "--image-size", "16", "--num-layers", "2", "--hidden-dim", "16", "--num-resnet-blocks", "0",
+        "--num-tokens", "64", "--emb-dim", "16", "--batch-size", "8", "--workers", "0", "--log-every", "1",
+        "--eval-images", "16", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth16")
+    synth.write_dataset(root, n_train=96, n_val=16, image_size=16, progress=False)
+    return root
+
+
+def run_vae(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "vae_train", *args], cwd=REPO, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/model"] for r in rows if "loss/model" in r}
+
+
+def test_dvae_training_raises_psnr(data, tmp_path):
+    vc = VAEConfig(model="dvae", train_data=str(data / "train_clip.csv"), val_data=str(data / "train_clip.csv"),
+                   image_size=16, num_layers=2, hidden_dim=32, num_resnet_blocks=1, num_tokens=128, emb_dim=32,
+                   straight_through=True, anneal_rate=1e-2, eval_images=64)
+    rc = RuntimeConfig(out_dir=str(tmp_path / "untrained"), max_steps=1, lr=1e-9, batch_size=16, workers=0)
+    before = train(vc, rc)["eval"]["psnr"]
+    rc = RuntimeConfig(out_dir=str(tmp_path / "run"), max_steps=200, lr=3e-3, batch_size=16, workers=0,
+                       warmup_steps=10, log_every=50)
+    after = train(vc, rc)["eval"]
+    assert after["psnr"] > before + 6.0, (before, after)  # stated margin: +6 dB on the data it trained on
+    assert after["used"] > 8
+    assert (tmp_path / "run" / "recon_latest.png").stat().st_size > 100
+
+
+def test_kill9_then_resume_reproduces_losses(data, tmp_path):
+    args = [*TINY, "--train-data", str(data / "train_clip.csv"), "--max-steps", "40", "--save-every", "8"]
+    full = run_vae(*args, "--out-dir", str(tmp_path / "full"))
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    killed = run_vae(*args, "--out-dir", str(tmp_path / "killed"))
+    deadline = time.time() + 240
+    while not (tmp_path / "killed" / "ckpt-00000008.pt").exists():
+        assert time.time() < deadline and killed.poll() is None, "no checkpoint before the process ended"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert not (tmp_path / "killed" / "ckpt-00000040.pt").exists()
+    resumed = run_vae(*args, "--out-dir", str(tmp_path / "killed"), "--resume", "latest")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in out
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert sorted(b) == list(range(1, 41))
+    assert a == b
+
+
+def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
+    proc = run_vae(*TINY, "--train-data", str(data / "train_clip.csv"), "--max-steps", "100000",
+                   "--save-every", "100000", "--out-dir", str(tmp_path))
+    deadline = time.time() + 240
+    while not ((tmp_path / "metrics.jsonl").exists() and len(losses(tmp_path)) >= 3):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM: saved step" in out
+    from train_runtime import checkpoint as ckpt
+
+    saved = ckpt.checkpoints(tmp_path)
+    assert len(saved) == 1 and ckpt.load(saved[0])["step"] >= 3
+
+
+def test_torchrun_two_ranks_keep_identical_parameters(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "vae_train", *TINY, "--train-data", str(data / "train_clip.csv"), "--max-steps", "6",
+                        "--out-dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2
+    assert result["rank_param_max_diff"] == 0.0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and rows[-1]["samples_per_s"] > 0
+
+
+def test_broken_images_do_not_stop_training(data, tmp_path):
+    listing = tmp_path / "with_broken.csv"
+    lines = (data / "train_clip.csv").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "train").symlink_to(data / "train")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    rows = lines[1:40] + ["坏图\tbroken.png", "空图\tempty.jpg", "缺图\tmissing.png"] * 3
+    listing.write_text("\n".join([lines[0], *rows]) + "\n", encoding="utf-8")
+    vc = VAEConfig(model="dvae", train_data=str(listing), image_size=16, num_layers=2, hidden_dim=16,
+                   num_resnet_blocks=0, num_tokens=32, emb_dim=16)
+    result = train(vc, RuntimeConfig(out_dir=str(tmp_path / "run"), max_steps=12, batch_size=8, workers=0,
+                                     log_every=12))
+    assert result["step"] == 12
+    assert result["train"]["skipped_images"] > 0
+
+
+def test_tokenize_eval_and_loading_any_form(data, tmp_path):
+    run = tmp_path / "run"
+    proc = run_vae(*TINY, "--train-data", str(data / "train_clip.csv"), "--val-data", str(data / "val_clip.csv"),
+                   "--max-steps", "5", "--out-dir", str(run))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    images = torch.rand(3, 3, 16, 16)
+    codes = [load_image_tokenizer(p).encode(images) for p in (run, run / "ckpt-00000005.pt", run / "model.safetensors")]
+    assert codes[0].shape == (3, 16) and all(torch.equal(codes[0], c) for c in codes)
+
+    out = tmp_path / "tokens.pt"
+    r = subprocess.run([sys.executable, "-m", "vae_train", "tokenize", "--tokenizer", str(run), "--data",
+                        str(data / "val_clip.csv"), "--out", str(out), "--workers", "0"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    tok = torch.load(out, weights_only=True)
+    assert tok["tokens"].shape == (16, 16) and len(tok["captions"]) == 16
+    assert int(tok["tokens"].max()) < 64 and tok["tokenizer"]["seq_len"] == 16
+    model = load_image_tokenizer(run)
+    from form_data.datasets import CsvImageText, default_transform
+
+    ds = CsvImageText(data / "val_clip.csv", transform=default_transform(16))
+    assert torch.equal(tok["tokens"][0].long(), model.encode(ds[0]["image"][None])[0])
+    assert tok["captions"][0] == ds[0]["caption"]
+
+    r = subprocess.run([sys.executable, "-m", "vae_train", "eval", "--tokenizer", str(run), "--data",
+                        str(data / "val_clip.csv"), "--grid", str(tmp_path / "grid.png")], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    assert metrics["images"] == 16 and 0 < metrics["psnr"] < 100 and 0 < metrics["used_fraction"] <= 1
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_load_image_tokenizer_taming_pair_and_errors(tmp_path):
+    fixture = REPO / "tests" / "fixtures" / "taming_tiny"
+    model = load_image_tokenizer(fixture / "last.ckpt", yaml_path=fixture / "model.yaml")
+    assert model.num_tokens == 64 and model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 64)
+    assert load_image_tokenizer(fixture).num_tokens == 64  # a directory holding the pair
+    with pytest.raises(UserError, match="not found"):
+        load_image_tokenizer(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        load_image_tokenizer(bad)
+
+
+def test_cli_bad_input_is_one_line_exit_2(data, tmp_path, cli):
+    train_csv = str(data / "train_clip.csv")
+    cases = [
+        (["--model", "foo", "--train-data", train_csv], "--model must be dvae or vqgan"),
+        ([*TINY, "--image-size", "18", "--train-data", train_csv], "not divisible"),
+        ([*TINY, "--train-data", str(tmp_path / "missing.csv")], "missing.csv"),
+        ([*TINY, "--train-data", train_csv, "--batch-size", "0"], "--batch-size"),
+        ([*TINY, "--train-data", train_csv, "--lr", "abc"], "invalid float"),
+        ([*TINY, "--train-data", train_csv, "--precision", "fp16", "--device", "cpu"], "fp16"),
+        ([*TINY, "--train-data", train_csv, "--frobnicate"], "unrecognized"),
+        ([*TINY], "--train-data is required"),
+        (["tokenize", "--tokenizer", str(tmp_path / "none"), "--data", train_csv, "--out", str(tmp_path / "t.pt")],
+         "not found"),
+    ]
+    for args, needle in cases:
+        r = cli("-m", "vae_train", *args, "--out-dir", str(tmp_path / "o")) if args[0] != "tokenize" else \
+            cli("-m", "vae_train", *args)
+        assert needle in one_line_error(r), (args, r.stderr)
+    assert not (tmp_path / "t.pt").exists()
+    r = cli("-m", "vae_train", "--help")
+    assert r.returncode == 0 and "--num-tokens" in r.stdout and "--num_tokens" in r.stdout and "--resume" in r.stdout
