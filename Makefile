@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_clean.py
+	$(PY) bench/bench_vae.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

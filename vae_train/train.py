@@ -126,7 +126,10 @@ class VAETask(Task):
         if self.kind == "dvae":
             temp = self.temperature(step)
             loss, logs, _ = self.ddp["model"](images, temp)
-            return {"model": loss}, {**{k: float(v) for k, v in logs.items()}, "temperature": temp}
+            extra = {k: float(v) for k, v in logs.items()}
+            if self.model.cfg.quantizer == "gumbel":
+                extra["temperature"] = temp
+            return {"model": loss}, extra
         if self.loss.perceptual_loss is not None:
             self.loss.perceptual_loss.to(images.device)
         recon, inputs, codebook_loss, _ = self.ddp["model"](images)
