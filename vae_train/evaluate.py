@@ -6,6 +6,7 @@ import torch
 from tqdm import tqdm
 
 from form_data.datasets import collate, default_transform, open_dataset
+from train_runtime.distributed import resolve_device
 from train_runtime.trainer import save_image_grid
 from vae_train.load import load_image_tokenizer
 from vae_train.metrics import RunningStats
@@ -13,8 +14,7 @@ from vae_train.metrics import RunningStats
 
 def evaluate(tokenizer: str, data: str, max_images: int = 1000, grid: str | None = None, device: str = "auto",
              yaml_path: str | None = None, batch_size: int = 64) -> dict:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model = load_image_tokenizer(tokenizer, yaml_path=yaml_path, device=dev)
     ds = open_dataset(data, transform=default_transform(model.image_size), image_size=model.image_size)
     n = min(len(ds), max_images)

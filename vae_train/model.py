@@ -98,6 +98,21 @@ def _token_grid(indices: Tensor, num_tokens: int, grid: tuple[int, int] | None) 
 
 
 
+class _GridSizes:
+    """Token-grid sizes shared by the grid tokenizers (they define ``image_size`` and ``downsample_factor``)."""
+
+    image_size: int
+    downsample_factor: int
+
+    @property
+    def fmap_size(self) -> int:
+        return self.image_size // self.downsample_factor
+
+    @property
+    def seq_len(self) -> int:
+        return self.fmap_size**2
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # dVAE (DALLE-pytorch DiscreteVAE)
 
@@ -154,7 +169,7 @@ class DVAEResBlock(nn.Module):
         return self.net(x) + x
 
 
-class DiscreteVAE(nn.Module):
+class DiscreteVAE(_GridSizes, nn.Module):
     """The DALL-E dVAE as DALLE-pytorch builds it: conv encoder to per-cell logits, Gumbel-softmax over a codebook,
     transposed-conv decoder.
 
@@ -210,14 +225,6 @@ class DiscreteVAE(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return 2**self.cfg.num_layers
-
-    @property
-    def fmap_size(self) -> int:
-        return self.image_size // self.downsample_factor
-
-    @property
-    def seq_len(self) -> int:
-        return self.fmap_size**2
 
     # -- pixel space <-> model space ----------------------------------------------------------------------------------
     def normalize(self, images01: Tensor) -> Tensor:
@@ -644,7 +651,7 @@ class VQGANOutput(NamedTuple):
     indices: Tensor  # LongTensor [B, h*w], row-major
 
 
-class VQGAN(nn.Module):
+class VQGAN(_GridSizes, nn.Module):
     """taming's VQModel (``quantizer="vq"``) or GumbelVQ (``"gumbel"``) without its training loss submodule.
 
     Submodules ``encoder``, ``decoder``, ``quant_conv``, ``post_quant_conv``, ``quantize`` carry taming's exact key
@@ -681,14 +688,6 @@ class VQGAN(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.cfg.ch_mult) - 1)
-
-    @property
-    def fmap_size(self) -> int:
-        return self.image_size // self.downsample_factor
-
-    @property
-    def seq_len(self) -> int:
-        return self.fmap_size**2
 
     # -- model space ([-1, 1]) ----------------------------------------------------------------------------------------
     def quantize_latents(self, x: Tensor, temperature: float | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from form_data.cli import UserError
 from form_data.datasets import collate, default_transform, open_dataset
 from form_data.fileio import ensure_writable_dir
+from train_runtime.distributed import resolve_device
 from vae_train.load import load_image_tokenizer
 
 
@@ -45,8 +46,7 @@ def _collate(items):
 
 def tokenize(tokenizer: str, data: str, out: str | os.PathLike, batch_size: int = 64, workers: int = 2,
              device: str = "cpu", yaml_path: str | None = None, progress: bool = True) -> dict:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model = load_image_tokenizer(tokenizer, yaml_path=yaml_path, device=dev)
     ds = open_dataset(data, transform=default_transform(model.image_size), image_size=model.image_size)
     if not hasattr(ds, "__getitem__"):
