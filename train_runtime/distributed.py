@@ -82,3 +82,12 @@ def all_true(flag: bool, device: torch.device) -> bool:
 
 def any_true(flag: bool, device: torch.device) -> bool:
     return not all_true(not flag, device)
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average logged scalars over all processes (every rank must pass the same keys in the same order)."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(values, t.tolist())}

@@ -197,6 +197,9 @@ class Trainer:
         autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                     if precision in ("bf16", "fp16") else contextlib.nullcontext())
 
+        if not hasattr(self.dataset, "__len__"):
+            raise UserError("training needs a listed data set (CSV / JSONL / image folder); webdataset shards can be "
+                            "read with form_data.datasets but not yet trained on")
         sampler = EpochSampler(len(self.dataset), env.rank, env.world_size, cfg.seed, self.shuffle)
         batches_per_epoch = sampler.per_rank // cfg.batch_size
         if batches_per_epoch < 1:
@@ -291,11 +294,13 @@ class Trainer:
 
                     if step % cfg.log_every == 0 or step == cfg.max_steps:
                         elapsed = time.perf_counter() - window_start
+                        means = distrib.mean_over_ranks({k: float(np.mean(v)) for k, v in sorted(window.items())},
+                                                        env.device)
                         last_log = {"step": step, "epoch": epoch,
-                                    "lr": schedulers[next(iter(modules))].get_last_lr()[0],
-                                    **{k: float(np.mean(v)) for k, v in window.items()},
+                                    "lr": schedulers[next(iter(modules))].get_last_lr()[0], **means,
                                     "samples_per_s": window_samples / max(elapsed, 1e-9),
-                                    "skipped_images": skipped_total}
+                                    "skipped_images": int(distrib.mean_over_ranks(
+                                        {"n": float(skipped_total)}, env.device)["n"] * env.world_size)}
                         if env.is_main:
                             self._log(last_log, wandb_run)
                             bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in last_log.items()
