@@ -178,3 +178,23 @@ def test_config_flags_file_and_defaults(tmp_path):
     conf.write_text("bogus_option: 1\n")
     with pytest.raises(UserError, match="bogus_option"):
         parse_configs(p, ["--config", str(conf)], RuntimeConfig)
+
+
+def test_channels_last_gives_the_same_training(tmp_path):
+    class Conv(Task):
+        def __init__(self):
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
+
+        def modules(self):
+            return {"model": self.net}
+
+        def training_step(self, batch, step):
+            (x,) = batch
+            return {"model": (self.ddp["model"](x) - x.flip(-1)).pow(2).mean()}, {}
+
+    data = TensorDataset(torch.rand(32, 3, 12, 12, generator=torch.Generator().manual_seed(2)))
+    for fmt in ("nchw", "nhwc"):
+        Trainer(cfg(tmp_path / fmt, max_steps=4, batch_size=8, channels_last=fmt == "nhwc"), Conv(), data).fit()
+    a, b = losses(tmp_path / "nchw"), losses(tmp_path / "nhwc")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)

@@ -43,6 +43,7 @@ class RuntimeConfig:
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     grad_clip: float = 0.0  # max global grad norm per optimizer; 0 = off
     workers: int = 2  # DataLoader worker processes
+    channels_last: bool = False  # NHWC memory format for conv models (faster convolutions on CPU and recent GPUs)
     log_every: int = 10
     save_every: int = 500  # steps between checkpoints (and one at the end)
     keep_last: int = 3  # checkpoints kept

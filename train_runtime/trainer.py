@@ -117,13 +117,14 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        batch = batch.to(device, non_blocking=True)
+        return batch.contiguous(memory_format=torch.channels_last) if channels_last and batch.ndim == 4 else batch
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(_to_device(v, device, channels_last) for v in batch)
     return batch
 
 
@@ -186,6 +187,8 @@ class Trainer:
         optimizers, schedulers = {}, {}
         for name, module in modules.items():
             module.to(env.device)
+            if cfg.channels_last:
+                module.to(memory_format=torch.channels_last)
             task.ddp[name] = (DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                   find_unused_parameters=task.find_unused_parameters(name))
                               if env.distributed else module)
@@ -272,8 +275,9 @@ class Trainer:
                     for i, batch in enumerate(micro):
                         if isinstance(batch, Mapping) and "skipped" in batch:
                             skipped_total += int(batch["skipped"])
-                        self._micro_step(_to_device(batch, env.device), step, i == len(micro) - 1, autocast, scaler,
-                                         modules, window, env, last_ckpt)
+                        batch = _to_device(batch, env.device, cfg.channels_last)
+                        self._micro_step(batch, step, i == len(micro) - 1, autocast, scaler, modules, window, env,
+                                         last_ckpt)
                     window_samples += cfg.batch_size * len(micro) * env.world_size
                     for name in modules:
                         opt = optimizers[name]
