@@ -39,6 +39,18 @@ def run_vae(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def wait_until(condition, proc: subprocess.Popen, limit_s: float = 240.0) -> None:
+    """Poll ``condition`` while ``proc`` runs; fail (not hang) if the process ends first or never gets there."""
+    end = time.monotonic() + limit_s
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"process ended before the awaited state: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail("the awaited state never came")
+        time.sleep(0.02)
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss/model"] for r in rows if "loss/model" in r}
@@ -63,10 +75,7 @@ def test_kill9_then_resume_reproduces_losses(data, tmp_path):
     full = run_vae(*args, "--out-dir", str(tmp_path / "full"))
     assert full.wait(timeout=300) == 0, full.stderr.read()
     killed = run_vae(*args, "--out-dir", str(tmp_path / "killed"))
-    deadline = time.time() + 240
-    while not (tmp_path / "killed" / "ckpt-00000008.pt").exists():
-        assert time.time() < deadline and killed.poll() is None, "no checkpoint before the process ended"
-        time.sleep(0.02)
+    wait_until(lambda: (tmp_path / "killed" / "ckpt-00000008.pt").exists(), killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
     assert not (tmp_path / "killed" / "ckpt-00000040.pt").exists()
@@ -82,10 +91,8 @@ def test_kill9_then_resume_reproduces_losses(data, tmp_path):
 def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     proc = run_vae(*TINY, "--train-data", str(data / "train_clip.csv"), "--max-steps", "100000",
                    "--save-every", "100000", "--out-dir", str(tmp_path))
-    deadline = time.time() + 240
-    while not ((tmp_path / "metrics.jsonl").exists() and len(losses(tmp_path)) >= 3):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    log = tmp_path / "metrics.jsonl"
+    wait_until(lambda: log.exists() and log.read_text().count("\n") >= 3, proc)  # 3 complete lines (log_every 1)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
