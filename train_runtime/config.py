@@ -123,12 +123,13 @@ def parse_configs(parser: argparse.ArgumentParser, argv, *classes: type,
     """Parse ``argv`` into one instance of each dataclass. Precedence: dataclass defaults < ``defaults`` (a package's
     own, e.g. a higher lr for tokenizers) < ``--config FILE`` < explicit flags."""
     args = parser.parse_args(argv)
-    explicit = {k: v for k, v in vars(args).items()}
-    merged = {**(defaults or {}), **load_config_file(explicit.get("config")), **explicit}
+    explicit = vars(args)
+    from_file = load_config_file(explicit.get("config"))
     known = set().union(*({f.name for f in fields(c)} for c in classes))
-    unknown = sorted(k for k in load_config_file(explicit.get("config")) if k not in known and k not in explicit)
+    unknown = sorted(k for k in from_file if k not in known and k not in explicit)
     if unknown:
         raise UserError(f"unknown option(s) in {explicit.get('config')}: {', '.join(unknown)}")
+    merged = {**(defaults or {}), **from_file, **explicit}
     return args, [build(c, merged) for c in classes]
 
 
