@@ -69,8 +69,7 @@ def download(splits_dir: str | os.PathLike, out: str | os.PathLike, splits: Sequ
     missing = [str(p) for p in inputs.values() if not p.is_file()]
     if missing:
         raise UserError(f"split file not found: {', '.join(missing)} (run `form_data clean` first)")
-    for p in inputs.values():
-        read_split(p)  # validates the header with a clear message before img2dataset sees it
+    rows = {s: len(read_split(p)) for s, p in inputs.items()}  # checks each header before img2dataset sees it
     if encode_format not in ("jpg", "png", "webp"):
         raise UserError(f"--encode-format must be jpg, png or webp, got {encode_format!r}")
     root = ensure_writable_dir(out)
@@ -79,7 +78,7 @@ def download(splits_dir: str | os.PathLike, out: str | os.PathLike, splits: Sequ
 
     report = {"rules": {"max_side": MAX_SIDE, "max_aspect_ratio": MAX_ASPECT, "min_side": MIN_SIDE}, "splits": {}}
     for split, csv_path in inputs.items():
-        if not read_split(csv_path):
+        if not rows[split]:
             report["splits"][split] = {"urls": 0, "ok": 0, "failed": 0, "failures": {}}
             continue
         img2dataset_download(

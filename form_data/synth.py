@@ -239,7 +239,7 @@ def write_raw(out: str | os.PathLike, base_url: str, n: int = 3000, image_size: 
 
     k = max(2, n // _RAW_NOISE_PER)
     rng = np.random.default_rng([seed, 3])
-    good = [r for r in rows]
+    good = rows
     expected = {"good_rows": n}
     noise: list[tuple[str, str]] = []
 
@@ -285,7 +285,7 @@ def write_raw(out: str | os.PathLike, base_url: str, n: int = 3000, image_size: 
                 (www / name).write_bytes(obj)
             noise.append((f"{base_url}/{name}", ["大红色圆形", "小蓝色正方形", "一个大的绿色三角形"][j % 3]))
         expected[kind] = k
-    all_rows = good + noise
+    all_rows = rows + noise
     order = rng.permutation(len(all_rows))
     with open(root / "wukong_raw.csv", "w", encoding="utf-8", newline="") as fh:
         w = csv.writer(fh)

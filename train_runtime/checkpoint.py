@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from form_data.cli import UserError
+from form_data.fileio import atomic_path
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -59,16 +59,8 @@ def save(state: dict, run_dir: str | os.PathLike, step: int, keep_last: int = 3)
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"ckpt-{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
+    with atomic_path(final) as tmp:
         torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     if keep_last > 0:
         for old in checkpoints(d)[:-keep_last]:
             old.unlink(missing_ok=True)
@@ -120,7 +112,6 @@ def export_safetensors(state_dict: dict, path: str | os.PathLike, metadata: dict
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     return path

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from form_data.cli import UserError
-from form_data.fileio import write_json
+from form_data.fileio import atomic_path, write_json
 from train_runtime import checkpoint as ckpt
 from train_runtime import distributed as distrib
 from train_runtime.config import RuntimeConfig, to_dict
@@ -388,15 +388,24 @@ class Trainer:
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
+    @contextlib.contextmanager
+    def _inference(self):
+        """Eval mode and no grad for the task's modules, train mode again afterwards."""
+        modules = self.task.modules().values()
+        for m in modules:
+            m.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for m in modules:
+                m.train()
+
     def _evaluate(self, env: distrib.DistEnv, step: int, wandb_run=None) -> dict:
         metrics = {}
         if env.is_main:
-            for m in self.task.modules().values():
-                m.eval()
-            with torch.no_grad():
+            with self._inference():
                 metrics = self.task.evaluate(step) or {}
-            for m in self.task.modules().values():
-                m.train()
             if metrics:
                 self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}, wandb_run)
         distrib.barrier()
@@ -404,12 +413,8 @@ class Trainer:
 
     def _sample(self, env: distrib.DistEnv, step: int) -> None:
         if env.is_main:
-            for m in self.task.modules().values():
-                m.eval()
-            with torch.no_grad():
+            with self._inference():
                 self.task.sample(step, self.run_dir)
-            for m in self.task.modules().values():
-                m.train()
         distrib.barrier()
 
     def _wandb(self, env: distrib.DistEnv):
@@ -443,8 +448,6 @@ def save_image_grid(images01: torch.Tensor, path: str | os.PathLike, nrow: int =
     """Images in [0,1], [B,3,H,W] -> one PNG grid (atomically)."""
     from torchvision.utils import save_image
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(images01.detach().float().clamp(0, 1).cpu(), tmp, nrow=nrow, padding=2)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_image(images01.detach().float().clamp(0, 1).cpu(), tmp, nrow=nrow, padding=2, format="png")
+    return Path(path)

@@ -12,22 +12,36 @@ from vae_train.load import load_image_tokenizer
 from vae_train.metrics import RunningStats
 
 
+def image_batches(ds, limit: int, device: torch.device, batch_size: int = 64):
+    """The first ``limit`` images of a listed data set, collated into batches on ``device``."""
+    n = min(len(ds), limit)
+    for start in range(0, n, batch_size):
+        yield collate([ds[i] for i in range(start, min(n, start + batch_size))])["image"].to(device)
+
+
+def reconstruction_metrics(model, batches) -> tuple[dict, torch.Tensor | None]:
+    """PSNR / SSIM / codebook usage of ``model``'s encode -> decode round trip over image batches, and a grid tensor
+    (first 8 originals over their reconstructions)."""
+    stats = RunningStats(model.num_tokens)
+    first = None
+    with torch.no_grad():
+        for images in batches:
+            idx = model.encode(images)
+            recon = model.decode(idx)
+            stats.update(images, recon, idx)
+            if first is None:
+                first = torch.cat([images[:8], recon[:8]])
+    return (stats.result() if stats.counts else {}), first
+
+
 def evaluate(tokenizer: str, data: str, max_images: int = 1000, grid: str | None = None, device: str = "auto",
              yaml_path: str | None = None, batch_size: int = 64) -> dict:
     dev = resolve_device(device)
     model = load_image_tokenizer(tokenizer, yaml_path=yaml_path, device=dev)
     ds = open_dataset(data, transform=default_transform(model.image_size), image_size=model.image_size)
     n = min(len(ds), max_images)
-    stats = RunningStats(model.num_tokens)
-    first = None
-    with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc="eval", unit="batch"):
-            images = collate([ds[i] for i in range(start, min(n, start + batch_size))])["image"].to(dev)
-            idx = model.encode(images)
-            recon = model.decode(idx)
-            stats.update(images, recon, idx)
-            if first is None:
-                first = torch.cat([images[:8], recon[:8]])
+    batches = tqdm(image_batches(ds, n, dev, batch_size), total=-(-n // batch_size), desc="eval", unit="batch")
+    metrics, first = reconstruction_metrics(model, batches)
     if grid and first is not None:
         save_image_grid(first, grid, nrow=min(8, len(first) // 2))
-    return {"images": n, **stats.result()}
+    return {"images": n, **metrics}

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from form_data.cli import UserError
 from form_data.datasets import collate, default_transform, open_dataset
-from form_data.fileio import ensure_writable_dir
+from form_data.fileio import atomic_path, ensure_writable_dir
 from train_runtime.distributed import resolve_device
 from vae_train.load import load_image_tokenizer
 
@@ -73,7 +73,6 @@ def tokenize(tokenizer: str, data: str, out: str | os.PathLike, batch_size: int 
                       "fmap_size": int(getattr(model, "fmap_size", 0) or 0), "image_size": int(model.image_size)},
         "data": str(data), "skipped": skipped,
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(result, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.save(result, tmp)
     return {"samples": len(captions), "skipped": skipped, "seq_len": int(model.seq_len), "out": str(out)}

@@ -18,8 +18,8 @@ from form_data.datasets import collate, default_transform, open_dataset
 from train_runtime import RuntimeConfig, Task, Trainer
 from train_runtime.config import to_dict
 from train_runtime.trainer import save_image_grid
+from vae_train.evaluate import image_batches, reconstruction_metrics
 from vae_train.losses import VQGANLoss
-from vae_train.metrics import RunningStats
 from vae_train.model import VQGAN, DiscreteVAE, DVAEConfig, VQGANConfig
 
 
@@ -143,27 +143,16 @@ class VAETask(Task):
         return losses, logs
 
     # -- evaluation and grids ------------------------------------------------------------------------------------
-    def _val_batches(self, batch_size: int = 64):
-        if self.val_set is None:
-            return
-        n = min(len(self.val_set), self.vc.eval_images)
-        for start in range(0, n, batch_size):
-            items = [self.val_set[i] for i in range(start, min(n, start + batch_size))]
-            yield collate(items)["image"].to(self.env.device)
-
     def evaluate(self, step: int) -> dict[str, float]:
-        stats = RunningStats(self.model.num_tokens)
-        for images in self._val_batches():
-            idx = self.model.encode(images)
-            stats.update(images, self.model.decode(idx), idx)
-        return stats.result() if stats.counts else {}
+        if self.val_set is None:
+            return {}
+        return reconstruction_metrics(self.model, image_batches(self.val_set, self.vc.eval_images, self.env.device))[0]
 
     def sample(self, step: int, run_dir: Path) -> None:
         if self._fixed is None:
-            batch = next(self._val_batches(16), None)
-            if batch is None:
+            if self.val_set is None:
                 return
-            self._fixed = batch
+            self._fixed = next(image_batches(self.val_set, 16, self.env.device, 16))
         recon = self.model.decode(self.model.encode(self._fixed))
         save_image_grid(torch.cat([self._fixed, recon]), run_dir / f"recon_{step:08d}.png", nrow=len(self._fixed))
         save_image_grid(torch.cat([self._fixed, recon]), run_dir / "recon_latest.png", nrow=len(self._fixed))
