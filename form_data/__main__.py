@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from form_data.cli import ArgumentParser, UserError, run
+from form_data.cli import ArgumentParser, UserError, non_negative_int, positive_int, run
 
 
 def _synth(a) -> None:
@@ -88,9 +88,9 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--raw", action="store_true", help="write a raw url,caption CSV + images to serve instead")
     s.add_argument("--base-url", help="with --raw: the URL the images will be served from, e.g. http://127.0.0.1:8765")
-    s.add_argument("--n", type=int, default=3000, help="with --raw: number of good rows")
-    s.add_argument("--train", type=int, default=4000, help="training images")
-    s.add_argument("--val", type=int, default=400, help="validation images (seen and held-out combinations)")
+    s.add_argument("--n", type=positive_int, default=3000, help="with --raw: number of good rows")
+    s.add_argument("--train", type=positive_int, default=4000, help="training images")
+    s.add_argument("--val", type=non_negative_int, default=400, help="validation images (seen and held-out combinations)")
     s.add_argument("--image-size", type=int, default=64, help="image side in pixels (16-256)")
     s.add_argument("--holdout", default="default",
                    help="colour:shape pairs left out of training: 'default' (1 in 6), 'none', or e.g. '红:圆形,蓝:星形'")
@@ -108,7 +108,7 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--delimiter", help="CSV delimiter (default: ',' for .csv, tab for .tsv/.txt)")
     c.add_argument("--val-fraction", type=float, default=0.1)
     c.add_argument("--seed", type=int, default=0, help="shuffle/split seed")
-    c.add_argument("--workers", type=int, default=0, help="threads for the rules (0: one per CPU, at most 8)")
+    c.add_argument("--workers", type=non_negative_int, default=0, help="threads for the rules (0: one per CPU, at most 8)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_clean)
 
@@ -116,10 +116,10 @@ def build_parser() -> ArgumentParser:
     d.add_argument("splits_dir", help="directory holding {split}.csv from `clean`")
     d.add_argument("--out", required=True, help="output directory ({split}/ folders + download_report.json)")
     d.add_argument("--splits", nargs="+", default=["train", "val"])
-    d.add_argument("--processes", type=int, default=1)
-    d.add_argument("--threads", type=int, default=32)
-    d.add_argument("--timeout", type=int, default=10, help="seconds per request")
-    d.add_argument("--retries", type=int, default=0)
+    d.add_argument("--processes", type=positive_int, default=1)
+    d.add_argument("--threads", type=positive_int, default=32)
+    d.add_argument("--timeout", type=positive_int, default=10, help="seconds per request")
+    d.add_argument("--retries", type=non_negative_int, default=0)
     d.add_argument("--encode-format", default="jpg", help="jpg, png or webp")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_download)
@@ -129,19 +129,19 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--out", help="where to write the exports (default: ROOT; paths stay relative)")
     e.add_argument("--splits", nargs="+", default=["train", "val"])
     e.add_argument("--webdataset", action="store_true", help="also write webdataset .tar shards under wds/")
-    e.add_argument("--shard-size", type=int, default=10000)
+    e.add_argument("--shard-size", type=positive_int, default=10000)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_export)
 
     v = sub.add_parser("vocab", help="build a WordPiece vocab.txt from training captions")
     v.add_argument("data", nargs="+", help="caption files: split CSV, open_clip CSV, DALLE or BriVL JSONL")
     v.add_argument("--out", required=True, help="vocab.txt to write")
-    v.add_argument("--min-count", type=int, default=1)
+    v.add_argument("--min-count", type=positive_int, default=1)
     v.set_defaults(func=_vocab)
 
     sv = sub.add_parser("serve", help="serve a directory over loopback HTTP (for the synthetic raw images)")
     sv.add_argument("directory")
-    sv.add_argument("--port", type=int, default=8765)
+    sv.add_argument("--port", type=non_negative_int, default=8765)
     sv.set_defaults(func=_serve)
     return p
 

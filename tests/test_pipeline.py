@@ -182,5 +182,8 @@ def test_cli_errors_download_export_synth(tmp_path, cli):
         cli("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--image-size", "1000"))
     assert "--base-url" in one_line_error(cli("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--raw"))
     assert "invalid choice" in one_line_error(cli("-m", "form_data", "frobnicate"))
+    assert "must be an integer >= 1" in one_line_error(cli("-m", "form_data", "export", str(tmp_path), "--shard-size", "0"))
+    assert "must be an integer >= 1" in one_line_error(
+        cli("-m", "form_data", "download", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "0"))
     r = cli("-m", "form_data", "clean", "--help")
     assert r.returncode == 0 and "--keywords" in r.stdout and "default" in r.stdout

@@ -190,12 +190,17 @@ def test_cli_bad_input_is_one_line_exit_2(data, tmp_path, cli):
         ([*TINY, "--train-data", train_csv, "--precision", "fp16", "--device", "cpu"], "fp16"),
         ([*TINY, "--train-data", train_csv, "--frobnicate"], "unrecognized"),
         ([*TINY], "--train-data is required"),
+        ([*TINY, "--train-data", train_csv, "--num-tokens", "0"], "--num-tokens must be >= 1"),
+        ([*TINY, "--train-data", train_csv, "--quantizer", "foo"], "bad model options"),
+        (["eval", "--tokenizer", str(tmp_path / "none"), "--data", train_csv], "not found"),
+        (["tokenize", "--tokenizer", "x", "--data", train_csv, "--out", str(tmp_path / "t.pt"), "--batch-size", "0"],
+         "must be an integer >= 1"),
         (["tokenize", "--tokenizer", str(tmp_path / "none"), "--data", train_csv, "--out", str(tmp_path / "t.pt")],
          "not found"),
     ]
     for args, needle in cases:
-        r = cli("-m", "vae_train", *args, "--out-dir", str(tmp_path / "o")) if args[0] != "tokenize" else \
-            cli("-m", "vae_train", *args)
+        r = cli("-m", "vae_train", *args, "--out-dir", str(tmp_path / "o")) if args[0] not in ("tokenize", "eval") \
+            else cli("-m", "vae_train", *args)
         assert needle in one_line_error(r), (args, r.stderr)
     assert not (tmp_path / "t.pt").exists()
     r = cli("-m", "vae_train", "--help")

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from form_data.cli import ArgumentParser, run
+from form_data.cli import ArgumentParser, non_negative_int, positive_int, run
 from train_runtime import RuntimeConfig
 from train_runtime.config import add_dataclass_args, parse_configs
 from vae_train.train import VAEConfig
@@ -33,8 +33,8 @@ def tokenize_parser() -> ArgumentParser:
     p.add_argument("--yaml", help="taming model.yaml (with a taming .ckpt)")
     p.add_argument("--data", required=True, help="split to encode (CSV / JSONL / image folder)")
     p.add_argument("--out", required=True, help="token file to write (.pt)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto")
     return p
 
@@ -44,7 +44,7 @@ def eval_parser() -> ArgumentParser:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--yaml", help="taming model.yaml (with a taming .ckpt)")
     p.add_argument("--data", required=True)
-    p.add_argument("--max-images", type=int, default=1000)
+    p.add_argument("--max-images", type=positive_int, default=1000)
     p.add_argument("--grid", help="also write a reconstruction grid PNG here")
     p.add_argument("--device", default="auto")
     return p

@@ -65,6 +65,16 @@ class VAEConfig:
 
 
 def build_model(vc: VAEConfig) -> DiscreteVAE | VQGAN:
+    for name in ("num_tokens", "emb_dim", "hidden_dim", "ch", "z_channels", "image_size"):
+        if getattr(vc, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(vc, name)}")
+    try:
+        return _build_model(vc)
+    except ValueError as e:  # the model configs validate themselves; for a CLI user that is a bad flag
+        raise UserError(f"bad model options: {e}") from None
+
+
+def _build_model(vc: VAEConfig) -> DiscreteVAE | VQGAN:
     if vc.model == "dvae":
         if vc.image_size % (2 ** vc.num_layers):
             raise UserError(f"--image-size {vc.image_size} is not divisible by 2**num_layers = {2 ** vc.num_layers}")
