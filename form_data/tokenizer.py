@@ -201,6 +201,11 @@ class ChineseTokenizer:
         """:meth:`decode` for each row of a ``[B, L]`` tensor or list of lists."""
         return [self.decode(row) for row in ids]
 
+    def vocab_tokens(self) -> list[str]:
+        """The token of every id (holes in the id range as ``[unusedN]``): a checkpoint can carry its vocab this way
+        and rebuild the same tokenizer with :func:`tokenizer_from_tokens`."""
+        return [tok if tok is not None else f"[unused{i}]" for i, tok in enumerate(self._id_to_token)]
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``directory/vocab.txt`` (atomically; holes in the id range become ``[unusedN]``); return its path.
 
@@ -208,9 +213,13 @@ class ChineseTokenizer:
         """
         path = ensure_writable_dir(directory) / "vocab.txt"
         with atomic_write(path) as f:
-            for i, tok in enumerate(self._id_to_token):
-                f.write(f"{tok if tok is not None else f'[unused{i}]'}\n")
+            f.writelines(f"{tok}\n" for tok in self.vocab_tokens())
         return path
+
+
+def tokenizer_from_tokens(tokens: Sequence[str], source: str) -> ChineseTokenizer:
+    """The BERT WordPiece tokenizer over ``tokens`` (id = position), e.g. a vocab stored inside a checkpoint."""
+    return ChineseTokenizer(_wordpiece_tokenizer({t: i for i, t in enumerate(tokens)}), source)
 
 
 def _wordish(c: str) -> bool:

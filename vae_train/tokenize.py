@@ -3,7 +3,7 @@
 Output (one ``torch.save`` file, loadable with ``weights_only=True``)::
 
     {"tokens": IntTensor[N, seq_len], "captions": [str] * N, "images": [relative image path or index] * N,
-     "tokenizer": {"path": str, "kind": str, "num_tokens": int, "seq_len": int, "fmap_size": int,
+     "tokenizer": {"path": str, "yaml": str, "kind": str, "num_tokens": int, "seq_len": int, "fmap_size": int,
                    "image_size": int}, "data": str}
 
 Images are resized and centre-cropped deterministically; broken images are skipped (and counted), never fatal.
@@ -68,7 +68,8 @@ def tokenize(tokenizer: str, data: str, out: str | os.PathLike, batch_size: int 
     result = {
         "tokens": torch.cat(tokens), "captions": captions,
         "images": [str(ds.image_path(i)) if hasattr(ds, "image_path") else str(i) for i in images],
-        "tokenizer": {"path": str(Path(tokenizer).resolve()), "kind": type(model).__name__,
+        "tokenizer": {"path": str(Path(tokenizer).resolve()), "yaml": str(Path(yaml_path).resolve()) if yaml_path else "",
+                      "kind": type(model).__name__,
                       "num_tokens": int(model.num_tokens), "seq_len": int(model.seq_len),
                       "fmap_size": int(getattr(model, "fmap_size", 0) or 0), "image_size": int(model.image_size)},
         "data": str(data), "skipped": skipped,

@@ -1,0 +1,75 @@
+"""``python dalle_gen.py TEXT N DIR``: N images for a Chinese caption with a trained DALLE checkpoint.
+
+Writes ``DIR/{i}.png`` (``--format jpg`` for the seed's ``{i}.jpg``), ``DIR/grid.png`` and ``DIR/meta.json`` (prompt,
+settings, per-image seeds, checkpoint). Sampling is batched and KV-cached; ``--cond-scale`` > 1 uses classifier-free
+guidance (the model must have been trained with ``--null-cond-prob`` > 0); ``--top-k`` / ``--filter-thres`` act on the
+image vocabulary only. Then rerank with ``python clip_sort.py TEXT N DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Sequence
+
+from form_data.cli import ArgumentParser, UserError, int_at_least, positive_int, run
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="dalle_gen.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("text", help="the caption (Chinese); longer than the model's text length -> truncated, with a warning")
+    p.add_argument("n", type=int, help="number of images")
+    p.add_argument("dir", help="output directory (created if missing)")
+    p.add_argument("--checkpoint", default="runs/dalle", help="DALLE run directory, ckpt-*.pt or dalle.safetensors")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images sampled together")
+    k = p.add_mutually_exclusive_group()
+    k.add_argument("--top-k", type=positive_int, help="sample among the k most likely image tokens")
+    k.add_argument("--filter-thres", type=float, help="keep the top (1 - thres) fraction of the image vocabulary "
+                                                       "(default 0.9 when --top-k is not given)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="image i uses seed + i")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--format", choices=("png", "jpg"), default="png")
+    p.add_argument("--vocab", help="text vocab to check against the one stored in the checkpoint")
+    p.add_argument("--image-tokenizer", help="the image tokenizer, if it moved since training")
+    p.add_argument("--image-tokenizer-yaml", help="taming model.yaml (with a taming .ckpt)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickle for a taming .ckpt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if a.n < 1:
+        raise UserError(f"N must be >= 1, got {a.n}")
+    filter_thres = a.filter_thres if a.filter_thres is not None or a.top_k is not None else 0.9
+    if filter_thres is not None and not 0.0 <= filter_thres < 1.0:
+        raise UserError(f"--filter-thres must be in [0, 1), got {filter_thres}")
+    if a.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {a.temperature}")
+    from dalle_train.generate import generate, load_dalle, settings_dict, write_outputs
+    from form_data.fileio import ensure_writable_dir
+
+    ensure_writable_dir(a.dir)  # fail before loading anything
+    bundle = load_dalle(a.checkpoint, a.device, a.vocab, a.image_tokenizer, a.image_tokenizer_yaml,
+                        a.trust_checkpoint)
+    settings = settings_dict(bundle, batch_size=a.batch_size, top_k=a.top_k, filter_thres=filter_thres,
+                             temperature=a.temperature, cond_scale=a.cond_scale, seed=a.seed)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.formatwarning = lambda msg, *args, **kw: f"dalle_gen.py: warning: {msg}\n"
+        gen = generate(bundle, a.text, a.n, seed=a.seed, batch_size=a.batch_size, top_k=a.top_k,
+                       filter_thres=filter_thres, temperature=a.temperature, cond_scale=a.cond_scale,
+                       progress=not a.quiet)
+    seconds = time.perf_counter() - t0
+    paths = write_outputs(gen, a.dir, a.text, {**settings, "seconds": round(seconds, 3)}, bundle.checkpoint, a.format)
+    print(json.dumps({"dir": a.dir, "images": len(paths), "seconds": round(seconds, 3),
+                      "images_per_s": round(len(paths) / max(seconds, 1e-9), 2)}, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, prog="dalle_gen.py")
