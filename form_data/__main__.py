@@ -1,4 +1,4 @@
-"""``python -m form_data <command>``: synth, clean, download, export, vocab, serve."""
+"""``python -m form_data <command>``: synth, clean, download, export, vocab, judge, report, serve."""
 
 from __future__ import annotations
 
@@ -68,6 +68,33 @@ def _vocab(a) -> None:
     print(f"vocab: {a.out} ({tok.vocab_size} entries from {len(captions)} captions)")
 
 
+def _judge_train(a) -> None:
+    from form_data.judge import train_judge
+
+    report = train_judge(a.data, a.out, holdout=a.holdout, calib=a.calib, steps=a.steps, max_images=a.max_images,
+                         seed=a.seed, progress=not a.quiet)
+    acc = report["heldout_accuracy"]
+    print(f"judge: {a.out}/judge.pt trained on {report['train_images']} images; held-out rendered images: shape "
+          f"{acc['seen/shape']:.1%} seen / {acc.get('unseen/shape', float('nan')):.1%} unseen, colour "
+          f"{acc['all/colour']:.1%}; calibration set {a.out}/calib.csv")
+
+
+def _judge_score(a) -> None:
+    from form_data.judge import score_dir
+
+    result = score_dir(a.judge, a.images, a.prompt)
+    print(f"{a.images}: colour {result['colour']:.1%}, shape {result['shape']:.1%}, both {result['both']:.1%} "
+          f"of {result['n']} images -> {a.images}/judge.json")
+
+
+def _report(a) -> None:
+    from form_data.demo_report import build_report
+
+    metrics = build_report(a.run, top_k=a.top_k, holdout=a.holdout, group_size=a.group_size)
+    print(metrics["table"])
+    print(f"wrote {a.run}/metrics.json and {a.run}/report.html")
+
+
 def _serve(a) -> None:
     from form_data.serve import LoopbackServer
 
@@ -81,7 +108,7 @@ def _serve(a) -> None:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m form_data", description="Data side of the toolkit: synthetic set, Wukong "
-                       "cleaning, download, exports, vocab.")
+                       "cleaning, download, exports, vocab, the synthetic-image judge, the demo report.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     s = sub.add_parser("synth", help="write the embedded synthetic data set (or a raw Wukong-style CSV with --raw)")
@@ -138,6 +165,31 @@ def build_parser() -> ArgumentParser:
     v.add_argument("--out", required=True, help="vocab.txt to write")
     v.add_argument("--min-count", type=positive_int, default=1)
     v.set_defaults(func=_vocab)
+
+    j = sub.add_parser("judge", help="colour/shape judge of synthetic-style images (no model under test involved)")
+    jsub = j.add_subparsers(dest="judge_command", required=True, parser_class=ArgumentParser)
+    jt = jsub.add_parser("train", help="train the colour-blind shape classifier on synthetic training images")
+    jt.add_argument("--data", required=True, help="training split (CSV/JSONL/folder) with synthetic captions")
+    jt.add_argument("--out", required=True, help="directory for judge.pt, judge_report.json and a calibration set")
+    jt.add_argument("--holdout", default="default", help="combinations unseen in training (as in `synth`)")
+    jt.add_argument("--calib", type=positive_int, default=480, help="rendered held-out images of all combinations")
+    jt.add_argument("--steps", type=positive_int, default=120, help="training batches of 64")
+    jt.add_argument("--max-images", type=positive_int, default=4000)
+    jt.add_argument("--seed", type=int, default=0)
+    jt.add_argument("--quiet", action="store_true")
+    jt.set_defaults(func=_judge_train)
+    js = jsub.add_parser("score", help="judge the images of a dalle_gen.py output directory against its prompt")
+    js.add_argument("images", help="directory with {i}.png|jpg (and meta.json from dalle_gen.py)")
+    js.add_argument("--judge", required=True, help="directory or judge.pt from `judge train`")
+    js.add_argument("--prompt", help="the prompt (default: meta.json's)")
+    js.set_defaults(func=_judge_score)
+
+    r = sub.add_parser("report", help="the demo's metrics.json and report.html from a finished demo run directory")
+    r.add_argument("run", help="demo run directory (runs/demo)")
+    r.add_argument("--top-k", type=positive_int, default=4, help="reranked images kept per prompt (seed: 4)")
+    r.add_argument("--group-size", type=positive_int, default=32, help="samples per rerank draw (seed group)")
+    r.add_argument("--holdout", default="default", help="combinations unseen in training (as in `synth`)")
+    r.set_defaults(func=_report)
 
     sv = sub.add_parser("serve", help="serve a directory over loopback HTTP (for the synthetic raw images)")
     sv.add_argument("directory")

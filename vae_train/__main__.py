@@ -46,6 +46,8 @@ def eval_parser() -> ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--max-images", type=positive_int, default=1000)
     p.add_argument("--grid", help="also write a reconstruction grid PNG here")
+    p.add_argument("--save-recon", help="also write every reconstruction as DIR/{i}.png (i = position in --data)")
+    p.add_argument("--out", help="also write the metrics as JSON here")
     p.add_argument("--device", default="auto")
     return p
 
@@ -63,7 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vae_train.evaluate import evaluate
 
         a = eval_parser().parse_args(argv[1:])
-        print(json.dumps(evaluate(a.tokenizer, a.data, a.max_images, a.grid, a.device, a.yaml), ensure_ascii=False))
+        result = evaluate(a.tokenizer, a.data, a.max_images, a.grid, a.device, a.yaml, recon_dir=a.save_recon)
+        if a.out:
+            from form_data.fileio import write_json
+
+            write_json(a.out, result)
+        print(json.dumps(result, ensure_ascii=False))
         return 0
     from vae_train.train import train
 

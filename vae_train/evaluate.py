@@ -6,6 +6,7 @@ import torch
 from tqdm import tqdm
 
 from form_data.datasets import collate, default_transform, open_dataset
+from form_data.fileio import atomic_path, ensure_writable_dir
 from train_runtime.distributed import resolve_device
 from train_runtime.trainer import save_image_grid
 from vae_train.load import load_image_tokenizer
@@ -19,9 +20,9 @@ def image_batches(ds, limit: int, device: torch.device, batch_size: int = 64):
         yield collate([ds[i] for i in range(start, min(n, start + batch_size))])["image"].to(device)
 
 
-def reconstruction_metrics(model, batches) -> tuple[dict, torch.Tensor | None]:
+def reconstruction_metrics(model, batches, on_recon=None) -> tuple[dict, torch.Tensor | None]:
     """PSNR / SSIM / codebook usage of ``model``'s encode -> decode round trip over image batches, and a grid tensor
-    (first 8 originals over their reconstructions)."""
+    (first 8 originals over their reconstructions). ``on_recon(recon)`` sees every batch of reconstructions."""
     stats = RunningStats(model.num_tokens)
     first = None
     with torch.no_grad():
@@ -29,19 +30,36 @@ def reconstruction_metrics(model, batches) -> tuple[dict, torch.Tensor | None]:
             idx = model.encode(images)
             recon = model.decode(idx)
             stats.update(images, recon, idx)
+            if on_recon is not None:
+                on_recon(recon)
             if first is None:
                 first = torch.cat([images[:8], recon[:8]])
     return (stats.result() if stats.counts else {}), first
 
 
 def evaluate(tokenizer: str, data: str, max_images: int = 1000, grid: str | None = None, device: str = "auto",
-             yaml_path: str | None = None, batch_size: int = 64) -> dict:
+             yaml_path: str | None = None, batch_size: int = 64, recon_dir: str | None = None) -> dict:
+    """Metrics of a checkpoint on the first ``max_images`` of a split; optionally a grid PNG and every
+    reconstruction as ``recon_dir/{i}.png`` (i = position in the split)."""
     dev = resolve_device(device)
     model = load_image_tokenizer(tokenizer, yaml_path=yaml_path, device=dev)
     ds = open_dataset(data, transform=default_transform(model.image_size), image_size=model.image_size)
     n = min(len(ds), max_images)
     batches = tqdm(image_batches(ds, n, dev, batch_size), total=-(-n // batch_size), desc="eval", unit="batch")
-    metrics, first = reconstruction_metrics(model, batches)
+    saver = None
+    if recon_dir:
+        from torchvision.utils import save_image
+
+        out = ensure_writable_dir(recon_dir)
+        count = [0]
+
+        def saver(recon: torch.Tensor) -> None:
+            for img in recon.float().clamp(0, 1).cpu():
+                with atomic_path(out / f"{count[0]}.png") as tmp:
+                    save_image(img, tmp, format="png")
+                count[0] += 1
+
+    metrics, first = reconstruction_metrics(model, batches, saver)
     if grid and first is not None:
         save_image_grid(first, grid, nrow=min(8, len(first) // 2))
     return {"images": n, **metrics}
