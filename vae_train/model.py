@@ -279,9 +279,10 @@ class DiscreteVAE(_GridSizes, nn.Module):
 
     def _nearest(self, z: Tensor) -> Tensor:
         """Index of the nearest code (squared L2) for every cell of z [B, D, h, w] -> [B, h, w]."""
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        e = self.codebook.weight
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+        with torch.autocast(z.device.type, enabled=False):  # distances in fp32 even under bf16 autocast
+            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+            e = self.codebook.weight.float()
+            d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
         return d.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
 
     def _forward_vq(self, images01: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
