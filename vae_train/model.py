@@ -135,6 +135,7 @@ class DVAEConfig:
     quantizer: str = "gumbel"  # gumbel (DALL-E / DALLE-pytorch) | vq (nearest code, straight-through, commitment)
     beta: float = 0.25  # vq: commitment weight
     restart_dead_codes: bool = True  # vq: codes unused for ~100 steps are moved onto random encoder outputs
+    activation: str = "relu"  # relu (DALLE-pytorch) | leaky_relu (0.1): an encoder of dead ReLUs cannot collapse
     normalize: bool = True  # apply (x - mean) / std to the first len(norm_mean) channels inside the model
     norm_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     norm_std: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -154,14 +155,22 @@ class DVAEConfig:
         return asdict(self)
 
 
-class DVAEResBlock(nn.Module):
-    """3x3 conv - ReLU - 3x3 conv - ReLU - 1x1 conv, plus the input (keys ``net.{0,2,4}``)."""
+def _activation(name: str) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.1)
+    raise ValueError(f"activation must be relu or leaky_relu, got {name!r}")
 
-    def __init__(self, dim: int):
+
+class DVAEResBlock(nn.Module):
+    """3x3 conv - act - 3x3 conv - act - 1x1 conv, plus the input (keys ``net.{0,2,4}``)."""
+
+    def __init__(self, dim: int, activation: str = "relu"):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(dim, dim, 3, padding=1), _activation(activation),
+            nn.Conv2d(dim, dim, 3, padding=1), _activation(activation),
             nn.Conv2d(dim, dim, 1),
         )
 
@@ -198,9 +207,9 @@ class DiscreteVAE(_GridSizes, nn.Module):
         enc: list[nn.Module] = []
         dim_in = cfg.channels
         for _ in range(cfg.num_layers):
-            enc.append(nn.Sequential(nn.Conv2d(dim_in, hidden, 4, stride=2, padding=1), nn.ReLU()))
+            enc.append(nn.Sequential(nn.Conv2d(dim_in, hidden, 4, stride=2, padding=1), _activation(cfg.activation)))
             dim_in = hidden
-        enc += [DVAEResBlock(hidden) for _ in range(cfg.num_resnet_blocks)]
+        enc += [DVAEResBlock(hidden, cfg.activation) for _ in range(cfg.num_resnet_blocks)]
         enc.append(nn.Conv2d(hidden, cfg.num_tokens if cfg.quantizer == "gumbel" else cfg.codebook_dim, 1))
         self.encoder = nn.Sequential(*enc)
         if cfg.quantizer == "vq":  # EMA of each code's share of the assignments (persistent: resumes exactly)
@@ -209,10 +218,11 @@ class DiscreteVAE(_GridSizes, nn.Module):
         dec: list[nn.Module] = []
         if has_res:
             dec.append(nn.Conv2d(cfg.codebook_dim, hidden, 1))
-            dec += [DVAEResBlock(hidden) for _ in range(cfg.num_resnet_blocks)]
+            dec += [DVAEResBlock(hidden, cfg.activation) for _ in range(cfg.num_resnet_blocks)]
         dim_in = hidden if has_res else cfg.codebook_dim
         for _ in range(cfg.num_layers):
-            dec.append(nn.Sequential(nn.ConvTranspose2d(dim_in, hidden, 4, stride=2, padding=1), nn.ReLU()))
+            dec.append(nn.Sequential(nn.ConvTranspose2d(dim_in, hidden, 4, stride=2, padding=1),
+                                     _activation(cfg.activation)))
             dim_in = hidden
         dec.append(nn.Conv2d(hidden, cfg.channels, 1))
         self.decoder = nn.Sequential(*dec)

@@ -42,6 +42,7 @@ class VAEConfig:
     straight_through: bool = False
     kl_loss_weight: float = 0.0
     smooth_l1_loss: bool = False
+    activation: str = "relu"  # dVAE: relu (DALLE-pytorch) | leaky_relu (robust at high learning rates with --quantizer vq)
     # VQGAN (taming architecture; the downsampling factor is 2**(len(ch_mult)-1))
     ch: int = 64
     ch_mult: tuple[int, ...] = (1, 2, 2, 4)
@@ -83,7 +84,7 @@ def _build_model(vc: VAEConfig) -> DiscreteVAE | VQGAN:
                                       hidden_dim=vc.hidden_dim, temperature=vc.temperature,
                                       straight_through=vc.straight_through, kl_div_loss_weight=vc.kl_loss_weight,
                                       smooth_l1_loss=vc.smooth_l1_loss, quantizer=vc.quantizer or "gumbel",
-                                      beta=vc.beta))
+                                      beta=vc.beta, activation=vc.activation))
     if vc.model == "vqgan":
         if vc.init_from:
             from vae_train.load import load_image_tokenizer
