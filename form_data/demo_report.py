@@ -72,12 +72,17 @@ def rerank_gain(both: list[bool], scores: list[float], k: int, group_size: int) 
 
 
 def _clip_metrics(run: Path) -> dict[str, float]:
-    result = _json(run / "clip" / "result.json")
-    ev = result.get("eval", {})
+    """Retrieval figures of the CLIP run's final evaluation: recalls as fractions, median ranks as they are."""
+    ev = _json(run / "clip" / "result.json").get("eval", {})
     out = {}
     for key, value in ev.items():
-        if isinstance(value, (int, float)):
-            out[f"S4/{key.split('/')[-1]}"] = float(value)
+        name = key.split("/")[-1]
+        if not isinstance(value, (int, float)):
+            continue
+        if "R@" in name or "mean_recall" in name:
+            out[f"S4/{name}"] = float(value) / 100.0
+        elif "median_rank" in name:
+            out[f"S4/{name}"] = float(value)
     return out
 
 

@@ -83,6 +83,19 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str | 
             target.add_argument(*names, type=tp if tp in (int, float, str) else str, metavar=f.name.upper(), **kw)
 
 
+def training_parser(prog: str, description: str, model_cls: type, defaults: dict,
+                    group: str = "model and data") -> argparse.ArgumentParser:
+    """The CLI of a trainer: ``--config``, one flag per field of ``model_cls`` and of :class:`RuntimeConfig` (with the
+    package's own runtime ``defaults``)."""
+    from form_data.cli import ArgumentParser
+
+    p = ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="YAML/JSON file of options (flags override it)")
+    add_dataclass_args(p, model_cls, group)
+    add_dataclass_args(p, RuntimeConfig, "run", defaults=defaults)
+    return p
+
+
 def load_config_file(path: str | None) -> dict:
     if not path:
         return {}

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from form_data.cli import ArgumentParser, non_negative_int, positive_int, run
 from train_runtime import RuntimeConfig
-from train_runtime.config import add_dataclass_args, parse_configs
+from train_runtime.config import parse_configs, training_parser
 from vae_train.train import VAEConfig
 
 RUNTIME_DEFAULTS = {"lr": 1e-3, "batch_size": 64, "max_steps": 2000, "warmup_steps": 100, "save_every": 500,
@@ -17,13 +17,9 @@ RUNTIME_DEFAULTS = {"lr": 1e-3, "batch_size": 64, "max_steps": 2000, "warmup_ste
 
 
 def train_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m vae_train",
-                       description="Train an image tokenizer (dVAE or taming-compatible VQGAN) on the shared runtime. "
-                                   "Other commands: `python -m vae_train tokenize --help`, `... eval --help`.")
-    p.add_argument("--config", help="YAML/JSON file of options (flags override it)")
-    add_dataclass_args(p, VAEConfig, "model and data")
-    add_dataclass_args(p, RuntimeConfig, "run", defaults=RUNTIME_DEFAULTS)
-    return p
+    return training_parser("python -m vae_train", "Train an image tokenizer (dVAE or taming-compatible VQGAN) on the "
+                           "shared runtime. Other commands: `python -m vae_train tokenize --help`, `... eval --help`.",
+                           VAEConfig, RUNTIME_DEFAULTS)
 
 
 def tokenize_parser() -> ArgumentParser:
