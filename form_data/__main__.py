@@ -49,7 +49,7 @@ def _export(a) -> None:
     from form_data.export import export
 
     counts = export(a.root, a.out, splits=a.splits, webdataset=a.webdataset, shard_size=a.shard_size,
-                    progress=not a.quiet)
+                    progress=not a.quiet, attributes=a.attributes)
     out = a.out or a.root
     for split, n in counts.items():
         print(f"{split}: {n} samples -> {out}/{split}_clip.csv, {split}_dalle.jsonl, {split}_brivl.jsonl"
@@ -157,6 +157,7 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--splits", nargs="+", default=["train", "val"])
     e.add_argument("--webdataset", action="store_true", help="also write webdataset .tar shards under wds/")
     e.add_argument("--shard-size", type=positive_int, default=10000)
+    e.add_argument("--attributes", help="per-URL ground-truth JSONL (synth --raw's attributes.jsonl) -> OUT/attributes.jsonl")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_export)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from form_data.cli import UserError
-from form_data.fileio import StagedFiles, ensure_writable_dir, write_json
+from form_data.fileio import StagedFiles, ensure_writable_dir, read_jsonl, write_json, write_jsonl
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -34,6 +34,7 @@ class Sample:
     key: str
     image: Path
     caption: str
+    url: str | None = None
 
 
 def _one_line(text: str) -> str:
@@ -58,12 +59,17 @@ def iter_downloaded(split_dir: str | os.PathLike) -> Iterator[Sample]:
         if caption is None:
             txt = meta_path.with_suffix(".txt")
             caption = txt.read_text(encoding="utf-8") if txt.is_file() else ""
-        yield Sample(key=str(meta.get("key") or meta_path.stem), image=image, caption=_one_line(caption))
+        yield Sample(key=str(meta.get("key") or meta_path.stem), image=image, caption=_one_line(caption),
+                     url=meta.get("url"))
 
 
 def export(root: str | os.PathLike, out: str | os.PathLike | None = None, splits: Sequence[str] = ("train", "val"),
-           webdataset: bool = False, shard_size: int = 10000, progress: bool = True) -> dict[str, int]:
-    """Write the exports of ``ROOT/{split}`` into ``out`` (default: ``root``). Returns samples per split."""
+           webdataset: bool = False, shard_size: int = 10000, progress: bool = True,
+           attributes: str | os.PathLike | None = None) -> dict[str, int]:
+    """Write the exports of ``ROOT/{split}`` into ``out`` (default: ``root``). Returns samples per split.
+
+    ``attributes``: a JSONL of per-URL ground truth (``form_data synth --raw`` writes one); the downloaded samples'
+    rows go to ``OUT/attributes.jsonl`` keyed by image path, as ``synth`` writes it for its own layout."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"download directory not found: {root}")
@@ -72,6 +78,8 @@ def export(root: str | os.PathLike, out: str | os.PathLike | None = None, splits
         raise UserError(f"{root} has none of the split folders {list(splits)} (run `form_data download` first)")
     out_dir = ensure_writable_dir(out or root)
     counts: dict[str, int] = {}
+    by_url = {row["url"]: row for row in read_jsonl(attributes) if "url" in row} if attributes else None
+    attr_rows: list[dict] = []
     with StagedFiles() as staged:
         for split in present:
             samples = list(tqdm(iter_downloaded(root / split), desc=f"export {split}", unit="img", disable=not progress))
@@ -91,6 +99,14 @@ def export(root: str | os.PathLike, out: str | os.PathLike | None = None, splits
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             if webdataset:
                 _write_shards(staged, out_dir / "wds", split, samples, shard_size)
+            if by_url is not None:
+                for s in samples:
+                    row = by_url.get(s.url or "")
+                    if row is not None:
+                        attr_rows.append({**{k: v for k, v in row.items() if k not in ("url", "caption")},
+                                          "filepath": rel(s.image), "split": split, "caption": s.caption})
+        if by_url is not None:
+            write_jsonl(staged.path(out_dir / "attributes.jsonl"), attr_rows)
         write_json(staged.path(out_dir / "export_report.json"), {"samples": counts, "webdataset": webdataset})
         staged.commit()
     return counts

@@ -12,11 +12,11 @@ export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_
 # --- sizes and budgets (the full demo: ~8-10 minutes on 2 CPU cores) -------------------------------------------------
 N_RAW=3000; IMG=64  # IMG: the side models train at (raw images are 64 px: the download keeps sides >= 50)
 VAE_ARGS=(--hidden-dim 64 --num-resnet-blocks 1 --num-tokens 512 --emb-dim 32 --batch-size 16 --lr 3e-3
-          --schedule constant --max-steps 100000 --max-time 150)
+          --schedule constant --max-steps 1400 --max-time 300)
 JUDGE_ARGS=(--calib 480)
 DALLE_ARGS=(--dim 192 --depth 4 --heads 4 --dim-head 48 --batch-size 32 --lr 1e-3 --warmup-steps 50
-            --null-cond-prob 0.2 --max-steps 1000 --max-time 240)
-CLIP_ARGS=(--model zh-tiny --batch-size 64 --lr 1e-3 --epochs 100 --max-time 75)
+            --null-cond-prob 0.2 --max-steps 1000 --max-time 400)
+CLIP_ARGS=(--model zh-tiny --batch-size 64 --lr 3e-3 --warmup-steps 30 --max-steps 300 --max-time 200)
 N_GEN=64; COND_SCALE=1.5; TOP_K=4; GROUP=32
 PROMPTS=("一个大的红色正方形" "一个大的蓝色圆形" "一个大的绿色三角形" "一个大的黄色星形"
          "一个大的红色圆形" "一个大的蓝色菱形" "一个大的绿色星形" "一个大的黄色三角形")
@@ -76,7 +76,7 @@ PYWAIT
 fi
 
 if ! done_mark export; then
-  t=$(date +%s); step $PY -m form_data export "$RUN/data" --webdataset; mark export $t
+  t=$(date +%s); step $PY -m form_data export "$RUN/data" --webdataset --attributes "$RUN/raw/attributes.jsonl"; mark export $t
 fi
 if ! done_mark vocab; then
   t=$(date +%s); step $PY -m form_data vocab "$RUN/data/train_clip.csv" --out "$RUN/vocab.txt"; mark vocab $t
@@ -86,7 +86,8 @@ fi
 if ! done_mark vae; then
   t=$(date +%s)
   step $PY -m vae_train --model dvae --quantizer vq --train-data "$RUN/data/train_clip.csv" \
-    --val-data "$RUN/data/val_clip.csv" --image-size $IMG "${VAE_ARGS[@]}" --workers 0 --channels-last \
+    --val-data "$RUN/data/val_clip.csv" --image-size $IMG "${VAE_ARGS[@]}" --activation leaky_relu --workers 0 \
+    --channels-last \
     --log-every 20 --eval-images 256 --out-dir "$RUN/vae"
   step $PY -m vae_train eval --tokenizer "$RUN/vae" --data "$RUN/data/val_clip.csv" --max-images 1000 \
     --out "$RUN/vae_eval.json"
@@ -119,7 +120,8 @@ fi
 if ! done_mark clip; then
   t=$(date +%s)
   step $PY -m clip_train --train-data "$RUN/data/train_clip.csv" --val-data "$RUN/data/val_clip.csv" \
-    --vocab "$RUN/vocab.txt" --image-size $IMG "${CLIP_ARGS[@]}" --workers 0 --out-dir "$RUN/clip"
+    --val-attributes "$RUN/data/attributes.jsonl" --vocab "$RUN/vocab.txt" --image-size $IMG "${CLIP_ARGS[@]}" \
+    --workers 0 --out-dir "$RUN/clip"
   mark clip $t
 fi
 

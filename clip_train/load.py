@@ -1,0 +1,98 @@
+"""Load a trained CLIP back from a run directory, a ``ckpt-*.pt`` or a ``model.safetensors``: the file alone is enough.
+
+Every checkpoint of ``python -m clip_train`` carries, in its ``meta``: the open_clip config and the name it is
+registered under, the tokenizer (as a ``tokenizers`` JSON string), the context length and, for an HF text tower, the
+HF config, so neither the training data nor the original text-model directory is needed to score images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from clip_train.model import create, image_size_of, register
+from form_data.cli import UserError
+from form_data.tokenizer import ChineseTokenizer
+from train_runtime import checkpoint as ckpt
+
+
+@dataclass
+class LoadedClip:
+    model: nn.Module  # an open_clip CLIP / CustomTextCLIP in eval mode
+    tokenizer: ChineseTokenizer
+    context_length: int
+    image_size: int
+    meta: dict
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A run directory -> its ``model.safetensors`` (else its newest ``ckpt-*.pt``); a file -> itself."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model.safetensors").is_file():
+            return p / "model.safetensors"
+        found = ckpt.checkpoints(p)
+        if not found:
+            raise UserError(f"{p}: no model.safetensors or ckpt-*.pt in this directory")
+        return found[-1]
+    if not p.is_file():
+        raise UserError(f"CLIP checkpoint not found: {p}")
+    return p
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(state_dict, meta)`` of one of our CLIP checkpoints; UserError for anything else."""
+    p = resolve(path)
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            state = load_file(str(p))
+        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{p}: not a readable safetensors file ({e})") from None
+    else:
+        obj = ckpt.load(p)
+        meta, state = obj.get("meta") or {}, (obj.get("modules") or {}).get("model")
+    if meta.get("kind") != "clip" or not isinstance(state, dict):
+        raise UserError(f"{p}: not a CLIP checkpoint of `python -m clip_train` (kind {meta.get('kind')!r})")
+    return state, meta
+
+
+def tokenizer_from_meta(meta: dict) -> ChineseTokenizer:
+    return ChineseTokenizer(Tokenizer.from_str(meta["tokenizer"]), "checkpoint tokenizer")
+
+
+def register_checkpoint(path: str | os.PathLike) -> str:
+    """Register the checkpoint's config with open_clip and return its name, so that
+    ``open_clip.create_model_and_transforms(name, pretrained=".../model.safetensors")`` rebuilds it."""
+    _, meta = read(path)
+    register(meta["name"], meta["model_cfg"])
+    return meta["name"]
+
+
+def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedClip:
+    """Rebuild model + tokenizer from one checkpoint file (or run directory), weights loaded strictly."""
+    state, meta = read(path)
+    cfg = json.loads(json.dumps(meta["model_cfg"]))
+    with tempfile.TemporaryDirectory(prefix="clip-hf-") as tmp:
+        if meta.get("hf_config"):  # the HF tower is rebuilt from its stored config, not the original directory
+            Path(tmp, "config.json").write_text(json.dumps(meta["hf_config"]), encoding="utf-8")
+            cfg["text_cfg"]["hf_model_name"] = tmp
+        model = create(meta["name"], cfg, pretrained_text=False)
+    register(meta["name"], meta["model_cfg"])  # leave open_clip's registry pointing at the original config
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{resolve(path)}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+    model.to(device).eval()
+    return LoadedClip(model, tokenizer_from_meta(meta), int(meta["context_length"]), image_size_of(model), meta)
