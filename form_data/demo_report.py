@@ -91,7 +91,7 @@ def collect(run: str | os.PathLike, top_k: int = 4, holdout: str = "default", gr
     held = set(parse_holdout(holdout))
     m: dict = {"machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M")}
     vae = _json(run / "vae_eval.json")
-    m["S1/psnr"], m["S1/codebook_usage"] = float(vae["psnr"]), float(vae.get("codebook_usage", float("nan")))
+    m["S1/psnr"], m["S1/codebook_usage"] = float(vae["psnr"]), float(vae["used_fraction"])
     judge = Judge.load(run / "judge")
     jr = _json(run / "judge" / "judge_report.json")
     for key, value in jr["heldout_accuracy"].items():
