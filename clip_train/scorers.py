@@ -82,7 +82,8 @@ class EmbeddingScorer:
         text_feature = torch.nn.functional.normalize(self.encode_text(text).float(), dim=-1)
         scores = []
         for i in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(img.convert("RGB")) for img in images[i:i + self.batch_size]])
+            batch = torch.stack([self.preprocess(img if img.mode == "RGB" else img.convert("RGB"))
+                                 for img in images[i:i + self.batch_size]])
             feats = torch.nn.functional.normalize(self.encode_images(batch.to(self.device)).float(), dim=-1)
             scores.append((feats @ text_feature.T).squeeze(1).cpu())
         return torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0)
