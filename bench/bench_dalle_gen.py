@@ -38,7 +38,7 @@ def seed_way(model: DALLE, text: torch.Tensor, seeds: list[int], k: int) -> torc
             g = [torch.Generator().manual_seed(s)]
             image = torch.empty(1, 0, dtype=torch.long)
             for _ in range(model.cfg.image_seq_len):
-                text_logits, image_logits = model.logits(text, image)  # every position, joint vocabulary
+                _, image_logits = model.logits(text, image)  # every position, joint vocabulary
                 nxt = pick(image_logits[:, -1], k, 1.0, g)
                 image = torch.cat([image, nxt[:, None]], dim=1)
             out.append(image)

@@ -46,8 +46,9 @@ def headline(result: dict) -> dict[str, float]:
 
 
 def markdown(results: dict, meta: dict) -> str:
-    lines = [f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs, Python {meta['python']}), "
-             f"by `make bench` (`python bench/run_all.py`).", "", "| benchmark | figure | value |", "|---|---|---|"]
+    title = (f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs, Python {meta['python']}), "
+             f"by `make bench` (`python bench/run_all.py`).")
+    lines = [title, "", "| benchmark | figure | value |", "|---|---|---|"]
     for name, res in results.items():
         if "error" in res:
             lines.append(f"| {name} | not run | {res['error']} |")

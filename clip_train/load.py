@@ -32,38 +32,11 @@ class LoadedClip:
     meta: dict
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A run directory -> its ``model.safetensors`` (else its newest ``ckpt-*.pt``); a file -> itself."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / "model.safetensors").is_file():
-            return p / "model.safetensors"
-        found = ckpt.checkpoints(p)
-        if not found:
-            raise UserError(f"{p}: no model.safetensors or ckpt-*.pt in this directory")
-        return found[-1]
-    if not p.is_file():
-        raise UserError(f"CLIP checkpoint not found: {p}")
-    return p
-
-
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(state_dict, meta)`` of one of our CLIP checkpoints; UserError for anything else."""
-    p = resolve(path)
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            state = load_file(str(p))
-        except (SafetensorError, OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{p}: not a readable safetensors file ({e})") from None
-    else:
-        obj = ckpt.load(p)
-        meta, state = obj.get("meta") or {}, (obj.get("modules") or {}).get("model")
-    if meta.get("kind") != "clip" or not isinstance(state, dict):
+    """``(state_dict, meta)`` of one of our CLIP checkpoints (run directory, ``ckpt-*.pt`` or ``model.safetensors``);
+    UserError for anything else."""
+    meta, state, p = ckpt.read_weights(path, "model", "model.safetensors", "CLIP checkpoint")
+    if meta.get("kind") != "clip":
         raise UserError(f"{p}: not a CLIP checkpoint of `python -m clip_train` (kind {meta.get('kind')!r})")
     return state, meta
 
@@ -93,6 +66,6 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu") -> Lo
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{resolve(path)}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
     return LoadedClip(model, tokenizer_from_meta(meta), int(meta["context_length"]), image_size_of(model), meta)

@@ -6,7 +6,6 @@ path (overridable when the tokenizer has moved).
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -28,31 +27,8 @@ from train_runtime.trainer import save_image_grid
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, Path]:
     """(meta, state_dict, file) of a DALLE run directory (newest ckpt), a ``ckpt-*.pt`` or a ``dalle.safetensors``."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"DALLE checkpoint not found: {p}")
-    if p.is_dir():
-        found = ckpt.checkpoints(p)
-        if found:
-            p = found[-1]
-        elif (p / "dalle.safetensors").is_file():
-            p = p / "dalle.safetensors"
-        else:
-            raise UserError(f"{p}: no DALLE checkpoint in it (ckpt-*.pt or dalle.safetensors)")
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            state = load_file(str(p))
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-            raise UserError(f"{p}: not a readable safetensors file ({e})") from None
-    else:
-        obj = ckpt.load(p)
-        meta, state = obj.get("meta", {}), obj.get("modules", {}).get("dalle")
-    if meta.get("kind") != "dalle" or state is None:
+    meta, state, p = ckpt.read_weights(path, "dalle", "dalle.safetensors", "DALLE checkpoint")
+    if meta.get("kind") != "dalle":
         raise UserError(f"{p}: not a DALLE checkpoint of this toolkit (kind {meta.get('kind')!r})")
     return meta, state, p
 

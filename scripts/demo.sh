@@ -16,7 +16,7 @@ VAE_ARGS=(--hidden-dim 64 --num-resnet-blocks 1 --num-tokens 512 --emb-dim 32 --
 JUDGE_ARGS=(--calib 480)
 DALLE_ARGS=(--dim 192 --depth 4 --heads 4 --dim-head 48 --batch-size 32 --lr 1e-3 --warmup-steps 50
             --null-cond-prob 0.2 --max-steps 1000 --max-time 400)
-CLIP_ARGS=(--model zh-tiny --batch-size 64 --lr 3e-3 --warmup-steps 30 --max-steps 300 --max-time 200)
+CLIP_ARGS=(--model zh-tiny --batch-size 64 --lr 3e-3 --warmup-steps 30 --max-steps 300 --max-time 180)
 N_GEN=64; COND_SCALE=1.5; TOP_K=4; GROUP=32
 PROMPTS=("一个大的红色正方形" "一个大的蓝色圆形" "一个大的绿色三角形" "一个大的黄色星形"
          "一个大的红色圆形" "一个大的蓝色菱形" "一个大的绿色星形" "一个大的黄色三角形")

@@ -248,7 +248,7 @@ def test_missing_train_data_and_bad_checkpoints(data, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a loadable checkpoint"):
         load_clip(bad)
-    with pytest.raises(UserError, match="no model.safetensors or ckpt"):
+    with pytest.raises(UserError, match=r"no CLIP checkpoint in it \(ckpt-\*\.pt or model\.safetensors\)"):
         load_clip(tmp_path)
     with pytest.raises(UserError, match="no attributes for"):
         train(clip_config(data, val_attributes=str(_other_attributes(tmp_path))),

@@ -115,3 +115,46 @@ def export_safetensors(state_dict: dict, path: str | os.PathLike, metadata: dict
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     return path
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(meta, state_dict)`` of a weights file written by :func:`export_safetensors` with ``{"meta": json}``."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: its safetensors metadata holds no meta dict")
+    return meta, state
+
+
+def read_weights(path: str | os.PathLike, module: str, export_name: str, what: str) -> tuple[dict, dict, Path]:
+    """``(meta, state_dict, file)`` of a model of ours: a run directory (its newest ``ckpt-*.pt``, else its
+    ``export_name`` safetensors), a ``ckpt-*.pt`` (the weights of ``modules[module]``) or a ``.safetensors`` export.
+    ``what`` names the model in errors. The caller checks ``meta['kind']``."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} not found: {p}")
+    if p.is_dir():
+        found = checkpoints(p)
+        if found:
+            p = found[-1]
+        elif (p / export_name).is_file():
+            p = p / export_name
+        else:
+            raise UserError(f"{p}: no {what} in it (ckpt-*.pt or {export_name})")
+    if p.suffix == ".safetensors":
+        meta, state = load_safetensors(p)
+    else:
+        obj = load(p)
+        meta, state = obj.get("meta") or {}, (obj.get("modules") or {}).get(module)
+        if not isinstance(meta, dict) or not isinstance(state, dict):
+            raise UserError(f"{p}: not a {what} of this toolkit (no meta / '{module}' weights)")
+    return meta, state, p

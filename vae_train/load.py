@@ -9,7 +9,6 @@ so this module never imports them.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from pathlib import Path
 
@@ -50,33 +49,13 @@ def load_image_tokenizer(path: str | os.PathLike, yaml_path: str | os.PathLike |
     p = Path(path)
     if not p.exists():
         raise UserError(f"image tokenizer not found: {p}")
-    if p.is_dir():
-        found = ckpt.checkpoints(p)
-        if found:
-            p = found[-1]
-        elif (p / "model.safetensors").is_file():
-            p = p / "model.safetensors"
-        else:
-            ckpts = sorted(p.glob("**/*.ckpt"))
-            yamls = sorted(p.glob("**/*.yaml"))
-            if len(ckpts) == 1 and len(yamls) == 1:
-                return load_vqgan(ckpts[0], yamls[0], trust_checkpoint=trust_checkpoint).to(device).eval()
-            raise UserError(f"{p}: no checkpoint of ours (ckpt-*.pt, model.safetensors) and no single taming "
-                            f".ckpt + .yaml pair in it")
+    if p.is_dir() and not ckpt.checkpoints(p) and not (p / "model.safetensors").is_file():
+        ckpts, yamls = sorted(p.glob("**/*.ckpt")), sorted(p.glob("**/*.yaml"))
+        if len(ckpts) == 1 and len(yamls) == 1:
+            return load_vqgan(ckpts[0], yamls[0], trust_checkpoint=trust_checkpoint).to(device).eval()
+        raise UserError(f"{p}: no checkpoint of ours (ckpt-*.pt, model.safetensors) and no single taming "
+                        f".ckpt + .yaml pair in it")
     if yaml_path is not None or p.suffix == ".ckpt":
         return load_vqgan(p, yaml_path, trust_checkpoint=trust_checkpoint).to(device).eval()
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            state = load_file(str(p))
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-            raise UserError(f"{p}: not a readable safetensors file ({e})") from None
-        return build_tokenizer(meta, state).to(device).eval()
-    state = ckpt.load(p)
-    if "meta" not in state or "modules" not in state:
-        raise UserError(f"{p}: not an image tokenizer checkpoint of this toolkit (no meta/modules)")
-    return build_tokenizer(state["meta"], state["modules"]["model"]).to(device).eval()
+    meta, state, _ = ckpt.read_weights(p, "model", "model.safetensors", "image tokenizer")
+    return build_tokenizer(meta, state).to(device).eval()
