@@ -119,12 +119,11 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
 
 
 def render(attrs: Attributes, size: int = 64, seed: int = 0) -> Image.Image:
-    """Draw the object at 4x and downsample (anti-aliased edges); mild per-pixel noise on the background."""
+    """Draw the object at 4x and downsample (anti-aliased edges), then add mild per-pixel noise (std 0.75)."""
     big = size * 4
     rng = np.random.default_rng([seed, size, int(attrs.cx * 1e6), int(attrs.cy * 1e6)])
-    bg = np.array(BACKGROUNDS[attrs.background], dtype=np.float32) + rng.normal(0, 6, 3)
-    canvas = np.clip(bg + rng.normal(0, 3, (big, big, 3)), 0, 255).astype(np.uint8)
-    img = Image.fromarray(canvas)
+    bg = tuple(int(v) for v in np.clip(np.array(BACKGROUNDS[attrs.background]) + rng.normal(0, 6, 3), 0, 255))
+    img = Image.new("RGB", (big, big), bg)
     draw = ImageDraw.Draw(img)
     colour = tuple(int(v) for v in np.clip(np.array(COLOURS[attrs.colour]) + rng.normal(0, 8, 3), 0, 255))
     cx, cy, r = attrs.cx * big, attrs.cy * big, attrs.radius * big
@@ -133,7 +132,9 @@ def render(attrs: Attributes, size: int = 64, seed: int = 0) -> Image.Image:
         draw.ellipse([cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9], fill=colour)
     else:
         draw.polygon(poly, fill=colour)
-    return img.resize((size, size), Image.LANCZOS)
+    small = np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.float32)
+    noise = rng.standard_normal((size, size, 3), dtype=np.float32) * 0.75
+    return Image.fromarray(np.clip(small + noise + 0.5, 0, 255).astype(np.uint8))
 
 
 def sample_attributes(rng: np.random.Generator, combos: Sequence[tuple[str, str]]) -> Attributes:
@@ -235,7 +236,7 @@ def write_raw(out: str | os.PathLike, base_url: str, n: int = 3000, image_size: 
         name = f"{i:06d}.png"
         render(attrs, image_size, seed).save(www / name)
         rows.append((f"{base_url}/{name}", caption))
-        attrs_rows.append({"url": f"{base_url}/{name}", "caption": caption, **asdict(attrs)})
+        attrs_rows.append({"url": f"{base_url}/{name}", "caption": caption, **asdict(attrs), "attrs": attrs})
 
     k = max(2, n // _RAW_NOISE_PER)
     rng = np.random.default_rng([seed, 3])
@@ -273,7 +274,6 @@ def write_raw(out: str | os.PathLike, base_url: str, n: int = 3000, image_size: 
         "corrupt": lambda j: b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 256, 200, dtype=np.uint8)),
         "too_small": lambda j: Image.new("RGB", (40, 40), (200, 30, 30)),
         "too_elongated": lambda j: Image.new("RGB", (240, 60), (30, 30, 200)),
-        "large": lambda j: render(Attributes("红", "圆形", "大", "白", 0.5, 0.5, 0.34), 256, seed).resize((700, 560)),
     }
     for kind, make in troubles.items():
         for j in range(k):
@@ -285,6 +285,18 @@ def write_raw(out: str | os.PathLike, base_url: str, n: int = 3000, image_size: 
                 (www / name).write_bytes(obj)
             noise.append((f"{base_url}/{name}", ["大红色圆形", "小蓝色正方形", "一个大的绿色三角形"][j % 3]))
         expected[kind] = k
+    # Large images (700x560: the download shrinks them to fit 512), each a good sample drawn larger on a wider canvas,
+    # with its caption and ground truth: valid training data.
+    for j in range(k):
+        src = int(rng.integers(n))
+        name = f"large_{j}.png"
+        square = render(attrs_rows[src]["attrs"], 256, seed).resize((560, 560), Image.BICUBIC)
+        canvas = Image.new("RGB", (700, 560), square.getpixel((0, 0)))  # 5:4, the shape undistorted in the middle
+        canvas.paste(square, (70, 0))
+        canvas.save(www / name)
+        noise.append((f"{base_url}/{name}", rows[src][1]))
+        attrs_rows.append({**attrs_rows[src], "url": f"{base_url}/{name}"})
+    expected["large"] = k
     all_rows = rows + noise
     order = rng.permutation(len(all_rows))
     with open(root / "wukong_raw.csv", "w", encoding="utf-8", newline="") as fh:
@@ -292,7 +304,7 @@ def write_raw(out: str | os.PathLike, base_url: str, n: int = 3000, image_size: 
         w.writerow(["url", "caption"])
         w.writerows(all_rows[i] for i in order)
     (root / "keywords.txt").write_text("\r\n".join(SHAPES) + "\r\n", encoding="utf-8")
-    write_jsonl(root / "attributes.jsonl", attrs_rows)
+    write_jsonl(root / "attributes.jsonl", [{k: v for k, v in r.items() if k != "attrs"} for r in attrs_rows])
     expected.update(rows=len(all_rows), base_url=base_url)
     write_json(root / "expected.json", expected)
     return expected

@@ -12,12 +12,12 @@ export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_
 # --- sizes and budgets (the full demo: ~8-10 minutes on 2 CPU cores) -------------------------------------------------
 N_RAW=3000; IMG=64  # IMG: the side models train at (raw images are 64 px: the download keeps sides >= 50)
 VAE_ARGS=(--hidden-dim 64 --num-resnet-blocks 1 --num-tokens 512 --emb-dim 32 --batch-size 16 --lr 3e-3
-          --schedule constant --max-steps 1400 --max-time 300)
+          --schedule constant --max-steps 1300 --max-time 150)
 JUDGE_ARGS=(--calib 480)
-DALLE_ARGS=(--dim 192 --depth 4 --heads 4 --dim-head 48 --batch-size 32 --lr 1e-3 --warmup-steps 50
-            --null-cond-prob 0.2 --max-steps 1000 --max-time 400)
-CLIP_ARGS=(--model zh-tiny --batch-size 64 --lr 3e-3 --warmup-steps 30 --max-steps 300 --max-time 180)
-N_GEN=64; COND_SCALE=1.5; TOP_K=4; GROUP=32
+DALLE_ARGS=(--dim 192 --depth 4 --heads 4 --dim-head 48 --text-seq-len 16 --batch-size 16 --lr 2e-3
+            --warmup-steps 50 --null-cond-prob 0.2 --max-steps 1200 --max-time 230)
+CLIP_ARGS=(--model zh-tiny --batch-size 128 --lr 3e-3 --warmup-steps 30 --max-steps 450 --max-time 100)
+N_GEN=64; COND_SCALE=3; GEN_TOP_K=8; TOP_K=4; GROUP=32  # GEN_TOP_K: sampling; TOP_K: reranked images kept
 PROMPTS=("一个大的红色正方形" "一个大的蓝色圆形" "一个大的绿色三角形" "一个大的黄色星形"
          "一个大的红色圆形" "一个大的蓝色菱形" "一个大的绿色星形" "一个大的黄色三角形")
 if [ "${DEMO_PROFILE:-full}" = ci ]; then
@@ -28,7 +28,7 @@ if [ "${DEMO_PROFILE:-full}" = ci ]; then
   DALLE_ARGS=(--dim 32 --depth 1 --heads 2 --dim-head 16 --batch-size 16 --max-steps 20 --null-cond-prob 0.2
               --sample-images 2)
   CLIP_ARGS=(--model zh-tiny --batch-size 16 --epochs 1 --max-steps 10)
-  N_GEN=8; GROUP=8; TOP_K=2
+  N_GEN=8; GROUP=8; TOP_K=2; GEN_TOP_K=4
   PROMPTS=("一个大的红色正方形" "一个大的红色圆形")
 fi
 
@@ -104,7 +104,7 @@ if ! done_mark tokenize; then
   t=$(date +%s)
   for split in train val; do
     step $PY -m vae_train tokenize --tokenizer "$RUN/vae" --data "$RUN/data/${split}_clip.csv" \
-      --out "$RUN/tokens/$split.pt" --workers 0
+      --out "$RUN/tokens/$split.pt" --workers 0 $([ "$split" = train ] && echo --hflip)
   done
   mark tokenize $t
 fi
@@ -128,11 +128,26 @@ fi
 # --- generate, rerank, measure --------------------------------------------------------------------------------------
 if ! done_mark generate; then
   t=$(date +%s)
+  mkdir -p "$RUN/logs"
+  # Two prompts at a time (each process is mostly single-threaded start-up): every command is printed when it
+  # starts, its own output goes to logs/gen-p$i.log; a line reports each finished prompt.
+  gen_one() {
+    local i=$1 log="$RUN/logs/gen-p$1.log"
+    : > "$log"
+    for cmd in "dalle_gen.py|${PROMPTS[$i]}|$N_GEN|$RUN/gen/p$i|--checkpoint|$RUN/dalle|--cond-scale|$COND_SCALE|--top-k|$GEN_TOP_K|--seed|$((1000 * i))|--quiet" \
+               "clip_sort.py|${PROMPTS[$i]}|$N_GEN|$RUN/gen/p$i|--scorer|clip:$RUN/clip|--top-k|$TOP_K"; do
+      IFS='|' read -r -a args <<< "$cmd"
+      echo "+ $PY ${args[*]}"
+      "$PY" "${args[@]}" >> "$log" 2>&1 || { echo "failed: $PY ${args[*]} (see $log)"; tail -5 "$log"; return 2; }
+    done
+    echo "  prompt $((i + 1))/${#PROMPTS[@]} generated and ranked: $RUN/gen/p$i ($(tail -1 "$log" | cut -c1-60)...)"
+  }
+  pids=()
   for i in "${!PROMPTS[@]}"; do
-    step $PY dalle_gen.py "${PROMPTS[$i]}" $N_GEN "$RUN/gen/p$i" --checkpoint "$RUN/dalle" --cond-scale $COND_SCALE \
-      --seed $((1000 * i))
-    step $PY clip_sort.py "${PROMPTS[$i]}" $N_GEN "$RUN/gen/p$i" --scorer "clip:$RUN/clip" --top-k $TOP_K
+    gen_one "$i" & pids+=($!)
+    if (( ${#pids[@]} == 2 )); then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
   done
+  for pid in "${pids[@]}"; do wait "$pid"; done
   mark generate $t
 fi
 t=$(date +%s)

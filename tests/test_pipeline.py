@@ -187,3 +187,17 @@ def test_cli_errors_download_export_synth(tmp_path, cli):
         cli("-m", "form_data", "download", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "0"))
     r = cli("-m", "form_data", "clean", "--help")
     assert r.returncode == 0 and "--keywords" in r.stdout and "default" in r.stdout
+
+
+def test_export_attributes_cover_every_downloaded_sample(pipeline, tmp_path):
+    """Every image the download kept (the large ones too) has its ground truth, and its caption states it."""
+    root, expected, *_ = pipeline
+    counts = export(root / "dl", tmp_path / "ex", attributes=root / "raw" / "attributes.jsonl", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "ex" / "attributes.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == sum(counts.values()) == expected["good_rows"] + expected["large"]
+    assert {r["filepath"] for r in rows} == {
+        line.split("\t")[1] for split in counts
+        for line in (tmp_path / "ex" / f"{split}_clip.csv").read_text(encoding="utf-8").splitlines()[1:]}
+    for r in rows:
+        stated = synth.parse_caption(r["caption"])
+        assert (stated["colour"], stated["shape"]) == (r["colour"], r["shape"]), r

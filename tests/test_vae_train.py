@@ -156,6 +156,17 @@ def test_tokenize_eval_and_loading_any_form(data, tmp_path):
     ds = CsvImageText(data / "val_clip.csv", transform=default_transform(16))
     assert torch.equal(tok["tokens"][0].long(), model.encode(ds[0]["image"][None])[0])
     assert tok["captions"][0] == ds[0]["caption"]
+    # --hflip: every image twice, the second time mirrored, with the same caption
+    from vae_train.tokenize import tokenize
+
+    tokenize(str(run), str(data / "val_clip.csv"), tmp_path / "flip.pt", workers=0, progress=False, hflip=True)
+    flip = torch.load(tmp_path / "flip.pt", weights_only=True)
+    assert flip["tokens"].shape == (32, 16) and flip["hflip"].count(True) == 16
+    pairs = {(c, f): t for c, f, t in zip(flip["images"], flip["hflip"], flip["tokens"])}
+    first = tok["images"][0]
+    assert torch.equal(pairs[(first, False)], tok["tokens"][0])
+    assert torch.equal(pairs[(first, True)].long(), model.encode(ds[0]["image"].flip(-1)[None])[0])
+    assert flip["captions"].count(tok["captions"][0]) == 2 * tok["captions"].count(tok["captions"][0])
 
     r = subprocess.run([sys.executable, "-m", "vae_train", "eval", "--tokenizer", str(run), "--data",
                         str(data / "val_clip.csv"), "--grid", str(tmp_path / "grid.png")], cwd=REPO,

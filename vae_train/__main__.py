@@ -32,6 +32,8 @@ def tokenize_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--hflip", action="store_true",
+                   help="also encode each image mirrored, as an extra sample with the same caption (augmentation)")
     return p
 
 
@@ -54,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vae_train.tokenize import tokenize
 
         a = tokenize_parser().parse_args(argv[1:])
-        print(json.dumps(tokenize(a.tokenizer, a.data, a.out, a.batch_size, a.workers, a.device, a.yaml),
+        print(json.dumps(tokenize(a.tokenizer, a.data, a.out, a.batch_size, a.workers, a.device, a.yaml,
+                                         hflip=a.hflip),
                          ensure_ascii=False))
         return 0
     if argv and argv[0] == "eval":

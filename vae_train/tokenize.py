@@ -3,6 +3,7 @@
 Output (one ``torch.save`` file, loadable with ``weights_only=True``)::
 
     {"tokens": IntTensor[N, seq_len], "captions": [str] * N, "images": [relative image path or index] * N,
+     "hflip": [bool] * N (the sample is the mirrored image; ``--hflip``),
      "tokenizer": {"path": str, "yaml": str, "kind": str, "num_tokens": int, "seq_len": int, "fmap_size": int,
                    "image_size": int}, "data": str}
 
@@ -45,7 +46,9 @@ def _collate(items):
 
 
 def tokenize(tokenizer: str, data: str, out: str | os.PathLike, batch_size: int = 64, workers: int = 2,
-             device: str = "cpu", yaml_path: str | None = None, progress: bool = True) -> dict:
+             device: str = "cpu", yaml_path: str | None = None, progress: bool = True, hflip: bool = False) -> dict:
+    """Encode every readable image of ``data``; ``hflip``: also its mirror image, as an extra sample with the same
+    caption (augmentation for captions that never say left or right)."""
     dev = resolve_device(device)
     model = load_image_tokenizer(tokenizer, yaml_path=yaml_path, device=dev)
     ds = open_dataset(data, transform=default_transform(model.image_size), image_size=model.image_size)
@@ -54,20 +57,24 @@ def tokenize(tokenizer: str, data: str, out: str | os.PathLike, batch_size: int 
     out = Path(out)
     ensure_writable_dir(out.parent if out.parent != Path("") else Path("."))
     loader = DataLoader(_Strict(ds), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
-    tokens, captions, images, skipped = [], [], [], 0
+    tokens, captions, images, flipped, skipped = [], [], [], [], 0
     with torch.no_grad():
         for batch, broken in tqdm(loader, desc="tokenize", unit="batch", disable=not progress):
             skipped += broken
             if batch is None:
                 continue
-            tokens.append(model.encode(batch["image"].to(dev)).to(torch.int32).cpu())
-            captions.extend(batch["caption"])
-            images.extend(int(i) for i in batch["index"])
+            for flip in (False, True) if hflip else (False,):
+                pixels = batch["image"].flip(-1) if flip else batch["image"]
+                tokens.append(model.encode(pixels.to(dev)).to(torch.int32).cpu())
+                captions.extend(batch["caption"])
+                images.extend(int(i) for i in batch["index"])
+                flipped.extend([flip] * len(batch["caption"]))
     if not tokens:
         raise UserError(f"{data}: no readable image")
     result = {
         "tokens": torch.cat(tokens), "captions": captions,
         "images": [str(ds.image_path(i)) if hasattr(ds, "image_path") else str(i) for i in images],
+        "hflip": flipped,
         "tokenizer": {"path": str(Path(tokenizer).resolve()), "yaml": str(Path(yaml_path).resolve()) if yaml_path else "",
                       "kind": type(model).__name__,
                       "num_tokens": int(model.num_tokens), "seq_len": int(model.seq_len),
