@@ -26,6 +26,7 @@ BENCHMARKS = {
     "rerank": ("bench_rerank.py", [], []),
     "brivl": ("bench_brivl.py", [], []),
     "kmeans": ("bench_kmeans.py", [], []),
+    "styled_vq_dalle": ("bench_styled_vq_dalle.py", [], []),  # needs a finished `make demo` (runs/demo)
 }
 
 

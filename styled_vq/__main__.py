@@ -74,6 +74,8 @@ def sub_parser(command: str) -> ArgumentParser:
         p.add_argument("--iters", type=positive_int, default=50, help="most Lloyd iterations")
         p.add_argument("--tol", type=float, default=1e-4, help="stop when the centre shift <= tol x data variance")
         p.add_argument("--groups", type=non_negative_int, default=0, help="centre groups for pruning (0: auto)")
+        p.add_argument("--warm-start", type=non_negative_int, default=0,
+                       help="first run k-means on a sample of this many x K vectors and start from its centres (0: off)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto")
     elif command == "attach":
@@ -114,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif command == "kmeans":
             from styled_vq.train import build_codebook
 
-            out = build_codebook(a.features, a.k, a.out, a.iters, a.tol, a.seed, a.groups, a.device)
+            out = build_codebook(a.features, a.k, a.out, a.iters, a.tol, a.seed, a.groups, a.device, a.warm_start)
         elif command == "attach":
             from styled_vq.train import attach
 

@@ -232,9 +232,9 @@ def dump(model_path: str, data: str, out_dir: str, batch_size: int = 64, workers
 
 
 def build_codebook(features: str, k: int, out: str, iters: int = 50, tol: float = 1e-4, seed: int = 0,
-                   groups: int = 0, device: str = "auto") -> dict:
+                   groups: int = 0, device: str = "auto", warm_start: int = 0) -> dict:
     """k-means over the dumped tokens (all positions share one codebook); under torchrun each rank reads a
-    contiguous block of the shards. Rank 0 writes ``out`` = {"centres": [K, E], "counts", "inertia", "history", ...}."""
+    contiguous block of the shards. ``warm_start``: first cluster a sample of that many x K vectors (0: off). Rank 0 writes ``out`` = {"centres": [K, E], "counts", "inertia", "history", ...}."""
     env = distrib.setup(device)
     try:
         meta_path = Path(features) / "meta.json"
@@ -249,10 +249,11 @@ def build_codebook(features: str, k: int, out: str, iters: int = 50, tol: float 
         if missing:
             raise UserError(f"feature shard(s) missing: {', '.join(missing[:3])}")
         x = load_shards(shards, env.rank, env.world_size, meta["emb_dim"]).to(env.device)
-        result = kmeans(x, k, iters=iters, tol=tol, seed=seed, groups=groups, progress=env.is_main)
+        result = kmeans(x, k, iters=iters, tol=tol, seed=seed, groups=groups, warm_start=warm_start,
+                        progress=env.is_main)
         summary = {"k": k, "vectors": int(result.counts.sum()), "iterations": result.iterations,
                    "converged": result.converged, "inertia": result.inertia, "empty": int((result.counts == 0).sum()),
-                   "out": str(out_path)}
+                   "warm_start_iterations": result.warm_start_iterations, "out": str(out_path)}
         if env.is_main:
             with atomic_path(out_path) as tmp:
                 torch.save({"centres": result.centres.cpu(), "counts": result.counts.cpu(), **summary,

@@ -49,6 +49,11 @@ def test_pipeline_through_the_cli(tmp_path, cli, capsys):
 
     assert main(["kmeans", "--features", str(feats), "--k", "16", "--out", str(tmp_path / "cb.pt")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["vectors"] == 128
+    # --warm-start: k-means on a 2 x K sample first, then on all 128 vectors from its centres
+    assert main(["kmeans", "--features", str(feats), "--k", "16", "--warm-start", "2", "--out",
+                 str(tmp_path / "cb_warm.pt")]) == 0
+    warm = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert warm["vectors"] == 128 and warm["warm_start_iterations"] >= 1 and warm["empty"] == 0
     assert main(["attach", "--model", str(run1), "--codebook", str(tmp_path / "cb.pt"), "--out", str(run2)]) == 0
 
     r = cli("-m", "vae_train", "tokenize", "--tokenizer", str(run2), "--data", val_csv, "--out",
