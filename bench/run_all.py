@@ -1,7 +1,7 @@
 """``make bench``: run every benchmark script under bench/ (each measures its own baseline in the same run), collect
 their figures into ``bench/results.json`` and a Markdown table ``bench/results.md`` (what the README shows).
 
-    python bench/run_all.py                    # everything (about 25 minutes on 2 CPU cores)
+    python bench/run_all.py                    # everything (about 40 minutes on 2 CPU cores)
     python bench/run_all.py --only clean dalle --quick
 """
 
