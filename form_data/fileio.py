@@ -140,3 +140,17 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     except UnicodeDecodeError:
         raise utf8_error(path) from None
     return rows
+
+
+def load_torch(path: str | os.PathLike, what: str, hint: str = "", map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with the toolkit's errors: ``"{what} not found: {path}{hint}"`` or
+    ``"{path}: not a loadable {what} (reason)"`` as a UserError, never a traceback."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}{hint}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a loadable {what} ({msg})") from None

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from form_data.cli import UserError
+from form_data.fileio import load_torch
 from form_data.synth import COLOURS, SHAPES, all_combos, generate_split, parse_caption, render
 
 JUDGE_SIZE = 64  # every image is judged at this side
@@ -166,12 +167,7 @@ class Judge:
         p = Path(path)
         if p.is_dir():
             p = p / "judge.pt"
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise UserError(f"judge not found: {p} (train it with `python -m form_data judge train`)") from None
-        except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-            raise UserError(f"{p}: not a judge file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        obj = load_torch(p, "judge", " (train it with `python -m form_data judge train`)")
         if not isinstance(obj, dict) or obj.get("kind") != "shape_judge" or obj.get("shapes") != list(SHAPES):
             raise UserError(f"{p}: not a shape judge of this toolkit's synthetic shapes")
         net = ShapeNet()

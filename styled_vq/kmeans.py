@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from form_data.cli import UserError
+from form_data.fileio import load_torch
 
 
 @dataclass
@@ -267,10 +268,7 @@ def load_shards(paths: list[Path], rank: int, world: int, dim: int) -> Tensor:
     mine = files[rank * len(files) // world:(rank + 1) * len(files) // world]
     parts = []
     for p in mine:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-            raise UserError(f"{p}: not a readable feature shard ({type(e).__name__})") from None
+        obj = load_torch(p, "feature shard")
         feats = obj.get("features") if isinstance(obj, dict) else None
         if not isinstance(feats, Tensor) or feats.ndim != 3:
             raise UserError(f"{p}: not a feature shard of `python -m styled_vq dump` (no [N, T, E] 'features')")
@@ -282,12 +280,7 @@ def load_shards(paths: list[Path], rank: int, world: int, dim: int) -> Tensor:
 
 def load_centres(path: str | os.PathLike) -> Tensor:
     """k-means centres from a file: our ``{"centres": [K, E]}`` or a bare tensor (the original's ``k_means.pt``)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"codebook file not found: {path}") from None
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        raise UserError(f"{path}: not a loadable codebook ({type(e).__name__})") from None
+    obj = load_torch(path, "codebook file")
     centres = obj.get("centres") if isinstance(obj, dict) else obj
     if not isinstance(centres, Tensor) or centres.ndim != 2:
         raise UserError(f"{path}: expected a [K, emb_dim] tensor or a dict with 'centres'")

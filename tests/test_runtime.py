@@ -198,3 +198,17 @@ def test_channels_last_gives_the_same_training(tmp_path):
         Trainer(cfg(tmp_path / fmt, max_steps=4, batch_size=8, channels_last=fmt == "nhwc"), Conv(), data).fit()
     a, b = losses(tmp_path / "nchw"), losses(tmp_path / "nhwc")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
+
+
+def test_every_weights_file_reader_gives_one_line_errors(tmp_path):
+    """Checkpoints, judges and codebooks all go through form_data.fileio.load_torch (weights_only=True)."""
+    from form_data.judge import Judge
+    from styled_vq.kmeans import load_centres
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    for load, what in ((ckpt.load, "checkpoint"), (Judge.load, "judge"), (load_centres, "codebook file")):
+        with pytest.raises(UserError, match=rf"bad\.pt: not a loadable {what} \("):
+            load(bad)
+        with pytest.raises(UserError, match=f"{what} not found: "):
+            load(tmp_path / "missing.pt")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from form_data.cli import UserError
-from form_data.fileio import atomic_path
+from form_data.fileio import atomic_path, load_torch
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -94,13 +94,7 @@ def resolve(resume: str, run_dir: str | os.PathLike) -> Path | None:
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; a broken or foreign file is a UserError."""
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a loadable checkpoint ({msg})") from None
+    obj = load_torch(path, "checkpoint", map_location=map_location)
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not a checkpoint of this toolkit (got {type(obj).__name__})")
     return obj
