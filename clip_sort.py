@@ -34,6 +34,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--top-k", type=positive_int, default=4, help="images copied to DIR/top/")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images encoded together")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="bf16/fp16: autocast (CUDA, or bf16 on a CPU with AVX512-BF16/AMX); scores move by ~1e-3")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickle when loading the scorer's weights")
     return p
 
@@ -124,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = find_images(directory, a.n)
     ensure_writable_dir(directory)
     images = load_images(paths)
-    scorer = make_scorer(a.scorer, device=a.device, batch_size=a.batch_size, trust_checkpoint=a.trust_checkpoint)
+    scorer = make_scorer(a.scorer, device=a.device, batch_size=a.batch_size, trust_checkpoint=a.trust_checkpoint,
+                         precision=a.precision)
     scores = np.asarray(scorer.score(a.text, images), dtype=np.float64)
     if scores.shape != (len(images),) or not np.isfinite(scores).all():
         raise RuntimeError(f"scorer {a.scorer} returned {scores.shape} scores for {len(images)} images: {scores}")

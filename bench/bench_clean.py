@@ -1,8 +1,13 @@
 """Caption-cleaning throughput: form_data's vectorised cleaner vs the seed's plain per-row Python loop.
 
-Baseline (written here, as the seed's notebook did it): for each row, ``len`` check, a ``re`` search for the bad
-characters, ``re.split`` + piece lengths, then the keyword scan over every window of up to 6 characters, longest
-first, against a ``set`` of keywords. Both must keep the identical set of rows.
+Baseline (the seed's approach, written here as its notebook cell does it): ``pandas.read_csv``, then
+``DataFrame.iterrows()`` and per row a ``len`` check, a ``re`` search for the bad characters, ``re.split`` + piece
+lengths, then the keyword scan over every window of up to 6 characters against a ``set`` of keywords. The target ratio
+(>= 20x) is against this baseline.
+
+A second, stronger baseline is printed beside it: the same per-row rules in a tight loop over plain Python lists
+(no ``iterrows``, precompiled patterns): what a careful per-row rewrite of the seed gets. All three must keep the
+identical set of rows.
 
     python bench/bench_clean.py                       # 1M generated captions, ~9000 keywords
     python bench/bench_clean.py --keywords foodNames.txt --rows 1000000
@@ -14,7 +19,6 @@ the same length distribution as the seed's list.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -25,14 +29,40 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from form_data.clean import CaptionRules, clean, default_workers, load_keywords
 
-# ---- the baseline: the seed's per-row rules ------------------------------------------------------------------------
+# ---- the baselines: the seed's per-row rules ------------------------------------------------------------------------
 BAD = re.compile(r'[\d？【】《》:?<>"]')
 SPLIT = re.compile(r"[;,\s]")
+
+
+def seed_notebook_keep(df, vocab: set[str], word_max_len: int = 6) -> list[bool]:
+    """The seed notebook's loop: ``iterrows`` over the frame, the rules evaluated per row with ``re`` on pattern
+    strings, and the keyword test scanning windows from each start position, longest window first."""
+
+    def has_keyword(text: str) -> bool:
+        n = len(text)
+        for i in range(n):
+            for j in list(range(i + 1, min(i + word_max_len + 1, n + 1)))[::-1]:
+                if text[i:j] in vocab:
+                    return True
+        return False
+
+    def piece_too_long(text: str) -> bool:
+        return any(len(piece) > 18 for piece in re.split(r"[;,\s]", text))
+
+    keep = []
+    for _, row in df.iterrows():
+        text = row.iloc[1]
+        if len(text) > 32 or re.search(r'[\d？【】《》\:\?<>"]', text) or piece_too_long(text):
+            keep.append(False)
+            continue
+        keep.append(has_keyword(text))
+    return keep
 
 
 def seed_keep(url: str, caption: str, vocab: set[str], max_len: int = 6) -> bool:
@@ -117,9 +147,16 @@ def main() -> None:
     urls = [f"http://img.example/{i}.jpg" for i in range(a.rows)]
 
     vocab = set(keywords)
+    frame = pd.DataFrame({"url": urls, "caption": captions})
+    print("baseline: the seed notebook's iterrows loop ...", flush=True)
     t0 = time.perf_counter()
-    base_keep = [seed_keep(u, c, vocab) for u, c in zip(urls, captions)]
+    base_keep = seed_notebook_keep(frame, vocab)
     t_base = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tight_keep = [seed_keep(u, c, vocab) for u, c in zip(urls, captions)]
+    t_tight = time.perf_counter() - t0
+    if tight_keep != base_keep:
+        sys.exit("the two baselines keep different rows")
 
     # Ours gets the data as Arrow arrays, the form its CSV/parquet readers deliver it in.
     U, C = pa.array(urls, type=pa.string()), pa.array(captions, type=pa.string())
@@ -138,14 +175,10 @@ def main() -> None:
     # End to end from a CSV file on disk: read, rules, dedup, seeded shuffle, split, write.
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "wukong.csv"
-        with open(src, "w", encoding="utf-8", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["url", "caption"])
-            w.writerows(zip(urls, captions))
+        frame.to_csv(src, index=False)
         t0 = time.perf_counter()
         n_base = seed_clean_file(src, Path(tmp) / "base", vocab)
         t_base_e2e = time.perf_counter() - t0
-        t0 = time.perf_counter()
         kw_file = Path(tmp) / "kw.txt"
         kw_file.write_text("\n".join(keywords), encoding="utf-8")
         t0 = time.perf_counter()
@@ -154,51 +187,44 @@ def main() -> None:
         assert report.kept == n_base, (report.kept, n_base)
 
     kept = int(ours_keep.sum())
-    r_base = a.rows / t_base
+    r_base, r_tight = a.rows / t_base, a.rows / t_tight
     print(f"kept rows: {kept:,} of {a.rows:,}; identical kept set: True")
     print("rules only (data in memory):")
-    print(f"  {'baseline: seed per-row loop':<36} {r_base:>12,.0f} rows/s  ({t_base:.2f} s)")
-    figures = {}
+    print(f"  {'baseline: seed notebook (iterrows)':<38} {r_base:>12,.0f} rows/s  ({t_base:.2f} s)")
+    print(f"  {'stronger: tight per-row loop':<38} {r_tight:>12,.0f} rows/s  ({t_tight:.2f} s)")
+    ratio, ratio_tight = {}, {}
     for workers, t in timings.items():
         r = a.rows / t
-        figures[workers] = r / r_base
-        print(f"  {f'form_data, {workers} thread(s)':<36} {r:>12,.0f} rows/s  ({t:.2f} s)   {r / r_base:5.1f}x")
+        ratio[workers], ratio_tight[workers] = r / r_base, r / r_tight
+        print(f"  {f'form_data, {workers} thread(s)':<38} {r:>12,.0f} rows/s  ({t:.2f} s)   "
+              f"{r / r_base:5.1f}x the seed, {r / r_tight:5.1f}x the tight loop")
     print("end to end from a CSV file (read, rules, dedup, shuffle, split, write):")
-    print(f"  {'baseline: csv + per-row loop':<36} {a.rows / t_base_e2e:>12,.0f} rows/s  ({t_base_e2e:.2f} s)")
-    print(f"  {'form_data clean':<36} {a.rows / t_ours_e2e:>12,.0f} rows/s  ({t_ours_e2e:.2f} s)   "
+    print(f"  {'baseline: the seed notebook cell':<38} {a.rows / t_base_e2e:>12,.0f} rows/s  ({t_base_e2e:.2f} s)")
+    print(f"  {'form_data clean':<38} {a.rows / t_ours_e2e:>12,.0f} rows/s  ({t_ours_e2e:.2f} s)   "
           f"{t_base_e2e / t_ours_e2e:5.1f}x")
     if a.json:
         Path(a.json).write_text(json.dumps({
             "benchmark": "clean", "rows": a.rows, "keywords": len(keywords), "kept": kept, "identical": True,
-            "baseline_rows_per_s": r_base,
+            "baseline": "seed notebook: DataFrame.iterrows + per-row re + window scan",
+            "baseline_rows_per_s": r_base, "tight_loop_rows_per_s": r_tight,
             "ours_rows_per_s": {str(w): a.rows / t for w, t in timings.items()},
-            "ratio": {str(w): f for w, f in figures.items()},
+            "ratio": {str(w): f for w, f in ratio.items()},
+            "ratio_vs_tight_loop": {str(w): f for w, f in ratio_tight.items()},
             "end_to_end_ratio": t_base_e2e / t_ours_e2e,
             "machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}, indent=2))
 
 
 def seed_clean_file(src: Path, out: Path, vocab: set[str], seed: int = 0) -> int:
-    """The seed's whole cleaning cell, per row: read, rules, dedup, shuffle, 90/10 split, write."""
-    import random
-
-    seen_pairs, seen_urls, kept = set(), set(), []
-    with open(src, encoding="utf-8", newline="") as fh:
-        r = csv.reader(fh)
-        next(r)
-        for url, caption in r:
-            if not seed_keep(url, caption, vocab) or (url, caption) in seen_pairs:
-                continue
-            seen_pairs.add((url, caption))
-            if url in seen_urls:
-                continue
-            seen_urls.add(url)
-            kept.append((url, caption))
-    random.Random(seed).shuffle(kept)
+    """The seed's cleaning cell: ``read_csv``, the iterrows rules, then (our additions, so both sides do the same
+    work) dedup on (url, caption) then url, a seeded shuffle, the 90/10 split, and the two CSV files."""
+    frame = pd.read_csv(src, header=0, dtype=str, keep_default_na=False)
+    kept = frame[seed_notebook_keep(frame, vocab)]
+    kept = kept.drop_duplicates().drop_duplicates(subset=kept.columns[0])
+    kept = kept.sample(frac=1, random_state=seed)
     n_train = len(kept) - round(len(kept) * 0.1)
     out.mkdir()
-    for name, rows in (("train", kept[:n_train]), ("val", kept[n_train:])):
-        with open(out / f"{name}.csv", "w", encoding="utf-8", newline="") as fh:
-            csv.writer(fh).writerows(rows)
+    kept.iloc[:n_train].to_csv(out / "train.csv", index=False)
+    kept.iloc[n_train:].to_csv(out / "val.csv", index=False)
     return len(kept)
 
 

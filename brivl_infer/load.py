@@ -183,6 +183,9 @@ def _listing(keys: list[str], limit: int = 4) -> str:
 
 def load_weights(model: BriVL, state: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Strict load of :func:`select_state` output; a mismatch is a UserError naming the keys."""
+    if model.folded:
+        raise UserError("this BriVL's BatchNorms are folded for inference (load_brivl does that); "
+                        "load weights into a model from build_model")
     state = select_state(state, source)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -232,4 +235,4 @@ def load_brivl(cfg_path: str | os.PathLike, checkpoint_path: str | os.PathLike,
         tokenizer = load_tokenizer(vocab)
     model = build_model(cfg, tokenizer, precision)
     load_weights(model, read_checkpoint(checkpoint_path, trust_checkpoint), str(checkpoint_path))
-    return model.to(dev)
+    return model.fold_batchnorm().to(dev)

@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 
+from form_data.inference import fold_batchnorm
 from form_data.tokenizer import ChineseTokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,6 +126,8 @@ def roi_sample(fmap: Tensor, boxes: Tensor, img_size: int, grid_size: int) -> Te
 class ImageEncoder(nn.Module):
     """The original ``ImgLearnableEncoder`` (inference only)."""
 
+    cpu_cnn_batch = 1
+
     def __init__(self, cfg: BriVLConfig):
         super().__init__()
         self.cfg = cfg
@@ -144,7 +147,12 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: Tensor, boxes: Tensor, mask: Tensor) -> Tensor:
         """``images`` [B, 3, S, S] normalised, ``boxes`` [B, N, 4], ``mask`` [B, N] 1/0 -> [B, D] (not normalised)."""
-        fmap = self.backbone.forward_features(images.contiguous(memory_format=torch.channels_last))
+        images = images.contiguous(memory_format=torch.channels_last)
+        # On CPU the CNN runs a few images at a time (its activations then stay in cache: measured 1.3-2x faster
+        # per image than batch 32) and everything after it on the whole batch (the transformer's weights are read
+        # once per batch, not once per image).
+        step = self.cpu_cnn_batch if images.device.type == "cpu" else len(images)
+        fmap = torch.cat([self.backbone.forward_features(images[i:i + step]) for i in range(0, len(images), step)])
         boxes, mask = _trim(boxes, mask)
         b, n = boxes.shape[:2]
         samples = roi_sample(fmap, boxes, self.cfg.img_size, self.cfg.grid_size)
@@ -204,6 +212,7 @@ class BriVL(nn.Module):
         self.textencoder = TextEncoder(cfg)
         self.tokenizer = tokenizer
         self.precision = precision
+        self.folded = False
 
     @classmethod
     def from_config(cls, cfg_path: str | os.PathLike, checkpoint_path: str | os.PathLike,
@@ -218,6 +227,16 @@ class BriVL(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def fold_batchnorm(self) -> BriVL:
+        """Fold the CNN's BatchNorms into its convs (inference only; call after the weights are loaded): about 1.3x
+        faster image embeddings on CPU, equal to ~1e-6. :func:`load_brivl` does it."""
+        x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        before = self.imgencoder.backbone
+        self.imgencoder.backbone = fold_batchnorm(before, lambda m: m.forward_features(x))
+        self.folded = self.imgencoder.backbone is not before
+        return self
 
     def _autocast(self):
         dtype = PRECISIONS[self.precision]

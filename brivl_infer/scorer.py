@@ -25,10 +25,11 @@ class BriVLScorer:
 
 
 def make_scorer(args: list[str], device: str = "auto", batch_size: int = 32,
-                trust_checkpoint: bool = False) -> BriVLScorer:
+                trust_checkpoint: bool = False, precision: str = "fp32") -> BriVLScorer:
     """The scorer of ``brivl:CFG_YML:CHECKPOINT`` (``args`` = [CFG_YML, CHECKPOINT])."""
     if len(args) != 2 or not all(args):
         raise UserError(f"the brivl scorer takes brivl:CFG_YML:CHECKPOINT, got {len(args)} argument(s) "
                         f"{':'.join(args)!r}")
     cfg, checkpoint = args
-    return BriVLScorer(load_brivl(cfg, checkpoint, device=device, trust_checkpoint=trust_checkpoint), batch_size)
+    return BriVLScorer(load_brivl(cfg, checkpoint, device=device, trust_checkpoint=trust_checkpoint,
+                                  precision=precision), batch_size)

@@ -1,10 +1,15 @@
 """Reranking scorers: one protocol, a registry of factories, the CLIP and Chinese-CLIP scorers.
 
 ``--scorer PREFIX:ARG[:ARG...]`` picks a factory from :data:`SCORERS` (imported only when used) and calls it as
-``factory(args, device=..., batch_size=..., trust_checkpoint=...)`` with the colon-split remainder:
+``factory(args, device=..., batch_size=..., trust_checkpoint=..., precision=...)`` with the colon-split remainder:
 ``clip:CKPT`` -> ``[CKPT]``, ``cnclip:ARCH:WEIGHTS`` -> ``[ARCH, WEIGHTS]``, ``brivl:CFG:CKPT`` -> ``[CFG, CKPT]``.
 A scorer's ``score(text, images)`` encodes the text once and the images in batches and returns one finite float per
 image, higher = better. Adding a scorer is one entry in :data:`SCORERS`.
+
+Speed on CPU (exact in fp32): a conv image tower gets its BatchNorms folded into its convs and channels-last weights,
+and runs a few images at a time so its activations stay in cache, while the text is encoded once. ``precision``
+"bf16"/"fp16" runs the towers under autocast (CUDA, or a CPU with AVX512-BF16/AMX for bf16); scores then differ from
+fp32 by ~1e-3.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import contextlib
 import importlib
 import io
 import json
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +31,7 @@ from torch import nn
 
 from form_data.cli import UserError
 from form_data.datasets import default_transform
+from form_data.inference import fold_batchnorm
 
 SCORERS: dict[str, str] = {
     "clip": "clip_train.scorers:make_clip_scorer",
@@ -31,6 +39,7 @@ SCORERS: dict[str, str] = {
     "brivl": "brivl_infer.scorer:make_scorer",
 }
 USAGE = "clip:CKPT | cnclip:ARCH:WEIGHTS | brivl:CFG:CKPT"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Scorer(Protocol):
@@ -47,16 +56,19 @@ def split_spec(spec: str) -> tuple[str, list[str]]:
     return prefix, rest.split(":") if rest else []
 
 
-def make_scorer(spec: str, device: str = "auto", batch_size: int = 32, trust_checkpoint: bool = False) -> Scorer:
+def make_scorer(spec: str, device: str = "auto", batch_size: int = 32, trust_checkpoint: bool = False,
+                precision: str = "fp32") -> Scorer:
     """The scorer for ``--scorer`` ``spec`` (its factory is imported here, on first use)."""
     prefix, args = split_spec(spec)
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     module_name, _, func_name = SCORERS[prefix].partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         raise UserError(f"scorer {prefix!r} is not available: module {e.name!r} is not installed") from None
     factory: Callable[..., Scorer] = getattr(module, func_name)
-    return factory(args, device=device, batch_size=batch_size, trust_checkpoint=trust_checkpoint)
+    return factory(args, device=device, batch_size=batch_size, trust_checkpoint=trust_checkpoint, precision=precision)
 
 
 def _need(args: list[str], names: Sequence[str], prefix: str) -> list[str]:
@@ -67,26 +79,57 @@ def _need(args: list[str], names: Sequence[str], prefix: str) -> list[str]:
 
 class EmbeddingScorer:
     """Cosine similarity of one text embedding with batched image embeddings; the model-specific parts are passed in:
-    ``preprocess`` (PIL -> tensor [3, H, W]), ``encode_images`` (batch -> [B, D]), ``encode_text`` (str -> [1, D])."""
+    ``preprocess`` (PIL -> tensor [3, H, W]), ``encode_images`` (batch -> [B, D]), ``encode_text`` (str -> [1, D]).
+    On CPU a batch goes through ``encode_images`` in chunks of about :attr:`cpu_chunk_pixels` input pixels (measured:
+    RN50 at 224 px is 1.2-1.5x faster per image 4-8 images at a time than at batch 32, whose activations fall out
+    of cache; a 64 px tower is fastest at the whole batch)."""
+
+    cpu_chunk_pixels = 8 * 224 * 224
 
     def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor],
                  encode_images: Callable[[torch.Tensor], torch.Tensor], encode_text: Callable[[str], torch.Tensor],
-                 device: torch.device, batch_size: int = 32):
+                 device: torch.device, batch_size: int = 32, precision: str = "fp32"):
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         self.preprocess, self.encode_images, self.encode_text = preprocess, encode_images, encode_text
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.dtype = device, batch_size, PRECISIONS[precision]
+        self._threads: ThreadPoolExecutor | None = None
 
-    @torch.no_grad()
+    def _prep(self, img: Image.Image) -> torch.Tensor:
+        return self.preprocess(img if img.mode == "RGB" else img.convert("RGB"))
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """Threads for the PIL resizes (which release the GIL): one per core, at most 8."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="preprocess")
+        return self._threads
+
+    def _images(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        step = max(1, self.cpu_chunk_pixels // (batch.shape[-1] * batch.shape[-2])) if self.device.type == "cpu" \
+            else len(batch)
+        return torch.cat([self.encode_images(batch[i:i + step]) for i in range(0, len(batch), step)])
+
+    @torch.inference_mode()
     def score(self, text: str, images: list[Image.Image]) -> np.ndarray:
-        text_feature = torch.nn.functional.normalize(self.encode_text(text).float(), dim=-1)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+        with autocast:
+            text_feature = torch.nn.functional.normalize(self.encode_text(text).float(), dim=-1)
         scores = []
         for i in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(img if img.mode == "RGB" else img.convert("RGB"))
-                                 for img in images[i:i + self.batch_size]])
-            feats = torch.nn.functional.normalize(self.encode_images(batch.to(self.device)).float(), dim=-1)
+            batch = torch.stack(list(self._pool().map(self._prep, images[i:i + self.batch_size])))
+            with autocast:
+                feats = self._images(batch)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
             scores.append((feats @ text_feature.T).squeeze(1).cpu())
         return torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0)
+
+
+def fast_image_tower(tower: nn.Module, image_size: int, device: torch.device) -> nn.Module:
+    """``tower`` (eval mode, weights loaded) with its BatchNorms folded into its convs and channels-last weights;
+    checked on a probe image against the original (see :func:`form_data.inference.fold_batchnorm`)."""
+    x = torch.rand(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    return fold_batchnorm(tower, lambda m: m(x)).to(memory_format=torch.channels_last)
 
 
 def _device(device: str) -> torch.device:
@@ -96,7 +139,7 @@ def _device(device: str) -> torch.device:
 
 
 def make_clip_scorer(args: list[str], device: str = "auto", batch_size: int = 32,
-                     trust_checkpoint: bool = False) -> EmbeddingScorer:
+                     trust_checkpoint: bool = False, precision: str = "fp32") -> EmbeddingScorer:
     """``clip:CKPT``: a run directory / ``ckpt-*.pt`` / ``model.safetensors`` of ``python -m clip_train``.
 
     Our checkpoints always load with ``weights_only=True``; ``trust_checkpoint`` is accepted for the common factory
@@ -108,9 +151,10 @@ def make_clip_scorer(args: list[str], device: str = "auto", batch_size: int = 32
     dev = _device(device)
     clip = load_clip(path, dev)
     model, tok, length = clip.model, clip.tokenizer, clip.context_length
+    model.visual = fast_image_tower(model.visual, clip.image_size, dev)
     return EmbeddingScorer(default_transform(clip.image_size),
                            lambda x: model.encode_image(normalize(model, x)),
-                           lambda t: model.encode_text(tok.encode([t], length).to(dev)), dev, batch_size)
+                           lambda t: model.encode_text(tok.encode([t], length).to(dev)), dev, batch_size, precision)
 
 
 # Chinese-CLIP: its named models (vision config @ text config, input resolution), as cn_clip documents them.
@@ -184,7 +228,7 @@ def load_cnclip(arch: str, weights: str, trust_checkpoint: bool = False) -> tupl
 
 
 def make_cnclip_scorer(args: list[str], device: str = "auto", batch_size: int = 32,
-                       trust_checkpoint: bool = False) -> EmbeddingScorer:
+                       trust_checkpoint: bool = False, precision: str = "fp32") -> EmbeddingScorer:
     """``cnclip:ARCH:WEIGHTS``: Chinese-CLIP (the optional ``cn_clip`` package) with a weights file you provide;
     cn_clip's own preprocessing (squash-resize, bicubic, OpenAI mean/std) and tokenizer (length 52)."""
     arch, weights = _need(args, ["ARCH", "WEIGHTS"], "cnclip")
@@ -196,6 +240,7 @@ def make_cnclip_scorer(args: list[str], device: str = "auto", batch_size: int = 
     dev = _device(device)
     model, resolution = load_cnclip(arch, weights, trust_checkpoint)
     model.to(dev)
+    model.visual = fast_image_tower(model.visual, resolution, dev)
     return EmbeddingScorer(cn.image_transform(resolution), model.encode_image,
                            lambda t: model.encode_text(cn.tokenize([t], context_length=CNCLIP_CONTEXT_LENGTH).to(dev)),
-                           dev, batch_size)
+                           dev, batch_size, precision)

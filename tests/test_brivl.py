@@ -299,7 +299,12 @@ def test_from_config_loads_checkpoint_files(tiny, tiny_state, tmp_path):
     assert torch.allclose(model.encode_texts(["红色圆形"]), tiny.encode_texts(["红色圆形"]), atol=1e-6)
     bare, full = read_checkpoint(tmp_path / "bare.pt"), read_checkpoint(tmp_path / "full.pth")
     assert bare.keys() < full.keys() and all(torch.equal(v, full[k]) for k, v in bare.items())
-    load_weights(model, bare)
+    from_bare = BriVL.from_config(TINY_CFG, tmp_path / "bare.pt")
+    assert torch.equal(from_bare.encode_images(img), model.encode_images(img))
+    # from_config folds the CNN's BatchNorms (inference only): loading weights again is refused in one line
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.imgencoder.backbone.modules())
+    with pytest.raises(UserError, match="folded"):
+        load_weights(model, bare)
 
 
 def test_checkpoint_mismatches_name_the_keys(tiny, tiny_state):

@@ -94,6 +94,31 @@ def test_batched_scores_equal_one_by_one(runs, data):
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
+def test_scorer_fast_tower_gives_the_plain_models_scores(runs, data):
+    """The scorer folds the ResNet's BatchNorms into its convs and runs channels-last in CPU micro-batches: same
+    scores as open_clip's model as loaded, one image at a time; bf16 autocast moves them only a little."""
+    from clip_train.scorers import fast_image_tower
+    from form_data.datasets import default_transform
+
+    paths = sorted((data / "val" / "00000").glob("*.png"))[:11]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    plain = load_clip(runs["dir"])
+    model, prep = plain.model, default_transform(plain.image_size)
+    with torch.no_grad():
+        t = torch.nn.functional.normalize(model.encode_text(plain.tokenizer.encode(["小蓝色星形"], plain.context_length)))
+        want = np.array([float(torch.nn.functional.normalize(
+            model.encode_image(normalize(model, prep(img)[None]))) @ t[0]) for img in images])
+    tower = fast_image_tower(model.visual, plain.image_size, torch.device("cpu"))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.visual.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tower.modules())
+    scorer = make_scorer(f"clip:{runs['dir']}", device="cpu", batch_size=32)
+    np.testing.assert_allclose(scorer.score("小蓝色星形", images), want, atol=1e-5)
+    bf16 = make_scorer(f"clip:{runs['dir']}", device="cpu", precision="bf16").score("小蓝色星形", images)
+    assert np.abs(bf16 - want).max() < 0.05
+    with pytest.raises(UserError, match="--precision"):
+        make_scorer(f"clip:{runs['dir']}", device="cpu", precision="int8")
+
+
 def test_checkpoint_round_trip_through_open_clip(runs):
     run_dir = runs["dir"]
     ours = load_clip(run_dir)

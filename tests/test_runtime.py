@@ -212,3 +212,46 @@ def test_every_weights_file_reader_gives_one_line_errors(tmp_path):
             load(bad)
         with pytest.raises(UserError, match=f"{what} not found: "):
             load(tmp_path / "missing.pt")
+
+
+def test_fold_batchnorm_keeps_outputs_and_refuses_wrong_pairings():
+    """form_data.inference.fold_batchnorm: conv + BN (plain, and timm's BN + activation) fold into one conv with the
+    same outputs; a BN that does not normalise its conv's output, or a module in training mode, is left alone."""
+    from timm.layers import BatchNormAct2d
+
+    from form_data.inference import fold_batchnorm
+
+    class Block(torch.nn.Module):
+        def __init__(self, wrong: bool = False):
+            super().__init__()
+            self.wrong = wrong
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = BatchNormAct2d(8, act_layer=torch.nn.SiLU)
+            self.conv2 = torch.nn.Conv2d(8, 8, 1, bias=False, groups=2)
+            self.bn2 = torch.nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = self.bn(torch.relu(y) if self.wrong else y)
+            return self.bn2(self.conv2(y))
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 12, 12)
+    for wrong in (False, True):
+        m = Block(wrong)
+        for bn in (m.bn, m.bn2):
+            bn.running_mean.normal_(0, 0.5)
+            bn.running_var.uniform_(0.3, 3)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.normal_(0, 0.3)
+        assert fold_batchnorm(m, lambda mod: mod(x)) is m  # training mode: untouched
+        m.eval()
+        folded = fold_batchnorm(m, lambda mod: mod(x))
+        if wrong:
+            assert folded is m
+            continue
+        assert folded is not m and not any(isinstance(b, torch.nn.BatchNorm2d) for b in folded.modules())
+        assert sum(isinstance(b, torch.nn.BatchNorm2d) for b in m.modules()) == 2  # the original is kept as it was
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), m(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(folded(x + 1), m(x + 1), atol=1e-5, rtol=1e-5)

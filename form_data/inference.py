@@ -1,0 +1,59 @@
+"""Inference-only speed-ups shared by the rerankers (CLIP and BriVL image towers on CPU).
+
+``fold_batchnorm`` folds every eval-mode ``BatchNorm2d`` into the ``Conv2d`` that feeds it (w' = w * g / sqrt(v + eps),
+b' = beta + (b - mean) * g / sqrt(v + eps)), so a conv tower runs one pass per layer instead of two; timm's
+``BatchNormAct2d`` keeps its activation. The pairing (a BN follows the last conv registered before it in the same
+parent) is checked on a probe input: if the folded copy does not give the original's output, the original is kept.
+Folded modules are for inference only: their state dict no longer has the BN keys, so load weights first.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def _fold_in_place(module: nn.Module) -> int:
+    folded = 0
+    for parent in list(module.modules()):
+        conv = None
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d):
+                conv = child
+            elif isinstance(child, nn.BatchNorm2d) and conv is not None and child.track_running_stats \
+                    and child.running_var is not None and conv.out_channels == child.num_features:
+                scale = torch.rsqrt(child.running_var + child.eps)
+                if child.weight is not None:
+                    scale = scale * child.weight
+                shift = -child.running_mean * scale
+                if child.bias is not None:
+                    shift = shift + child.bias
+                if conv.bias is not None:
+                    shift = shift + conv.bias * scale
+                conv.weight = nn.Parameter((conv.weight * scale.view(-1, 1, 1, 1)).detach(), requires_grad=False)
+                conv.bias = nn.Parameter(shift.detach(), requires_grad=False)
+                after = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if m is not None]
+                setattr(parent, name, nn.Sequential(*after) if after else nn.Identity())
+                folded += 1
+                conv = None
+    return folded
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module, probe: Callable[[nn.Module], Tensor], rtol: float = 1e-4) -> nn.Module:
+    """A copy of eval-mode ``module`` with its BatchNorms folded into their convs, if ``probe(copy)`` matches
+    ``probe(module)`` to ``rtol`` of the output's scale; else ``module`` itself. ``probe`` runs the module on a
+    fixed input (BN in eval mode is per channel, so a small input proves the pairing)."""
+    if module.training:
+        return module
+    folded = copy.deepcopy(module)
+    if not _fold_in_place(folded):
+        return module
+    want, got = probe(module).float(), probe(folded).float()
+    if want.shape != got.shape or (got - want).abs().max() > rtol * want.abs().max().clamp_min(1e-12):
+        return module
+    return folded
+
