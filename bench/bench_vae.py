@@ -2,8 +2,9 @@
 held-out PSNR / SSIM, codebook usage and training images/s.
 
 Baseline (same run): the DALL-E dVAE with its Gumbel-softmax relaxation, as DALLE-pytorch trains it. Compared: the same
-conv stack with a straight-through nearest-code quantizer (``--quantizer vq``, the demo's tokenizer) and a small
-taming-architecture VQGAN trained without the GAN term. Target for the demo's tokenizer: >= 28 dB.
+conv stack with a straight-through nearest-code quantizer (``--quantizer vq``), in fp32 and as the demo trains it
+(bf16 autocast where the CPU runs bf16 natively: ``cpu_training_precision()``), and a small taming-architecture VQGAN
+trained without the GAN term. Target for the demo's tokenizer: >= 28 dB.
 
     python bench/bench_vae.py                    # 180 s each (about 10 minutes in all)
     python bench/bench_vae.py --seconds 60 --json bench/vae.json
@@ -21,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from form_data import synth
 from train_runtime import RuntimeConfig
+from train_runtime.trainer import cpu_training_precision
 from vae_train.train import VAEConfig, train
 
 DEMO_DVAE = {"model": "dvae", "num_layers": 3, "hidden_dim": 64, "num_resnet_blocks": 1, "num_tokens": 512,
@@ -28,7 +30,11 @@ DEMO_DVAE = {"model": "dvae", "num_layers": 3, "hidden_dim": 64, "num_resnet_blo
 CONFIGS = {
     "dvae-gumbel (baseline)": ({**DEMO_DVAE, "emb_dim": 256, "straight_through": True, "anneal_rate": 5e-3},
                                {"lr": 1e-3, "batch_size": 32}),
-    "dvae-vq (demo)": ({**DEMO_DVAE, "quantizer": "vq"}, {"lr": 3e-3, "batch_size": 16, "schedule": "constant"}),
+    "dvae-vq fp32": ({**DEMO_DVAE, "quantizer": "vq", "activation": "leaky_relu"},
+                     {"lr": 3e-3, "batch_size": 16, "schedule": "constant", "channels_last": True}),
+    "dvae-vq (demo)": ({**DEMO_DVAE, "quantizer": "vq", "activation": "leaky_relu"},
+                       {"lr": 3e-3, "batch_size": 16, "schedule": "constant", "channels_last": True,
+                        "precision": cpu_training_precision()}),
     "vqgan, no GAN": ({"model": "vqgan", "ch": 32, "ch_mult": (1, 2, 2, 4), "z_channels": 32, "emb_dim": 32,
                        "num_tokens": 512}, {"lr": 2e-3, "batch_size": 16}),
 }

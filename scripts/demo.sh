@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_
 # --- sizes and budgets (the full demo: ~8-10 minutes on 2 CPU cores) -------------------------------------------------
 N_RAW=3000; IMG=64  # IMG: the side models train at (raw images are 64 px: the download keeps sides >= 50)
 VAE_ARGS=(--hidden-dim 64 --num-resnet-blocks 1 --num-tokens 512 --emb-dim 32 --batch-size 16 --lr 3e-3
-          --schedule constant --max-steps 1300 --max-time 150)
+          --schedule constant --max-steps 2400 --max-time 150)
 JUDGE_ARGS=(--calib 480)
 DALLE_ARGS=(--dim 192 --depth 4 --heads 4 --dim-head 48 --text-seq-len 16 --batch-size 16 --lr 2e-3
             --warmup-steps 50 --null-cond-prob 0.2 --max-steps 1200 --max-time 230)
@@ -87,6 +87,7 @@ if ! done_mark vae; then
   t=$(date +%s)
   step $PY -m vae_train --model dvae --quantizer vq --train-data "$RUN/data/train_clip.csv" \
     --val-data "$RUN/data/val_clip.csv" --image-size $IMG "${VAE_ARGS[@]}" --activation leaky_relu --workers 0 \
+    --precision "$($PY -c 'from train_runtime.trainer import cpu_training_precision as p; print(p())')" \
     --channels-last \
     --log-every 20 --eval-images 256 --out-dir "$RUN/vae"
   step $PY -m vae_train eval --tokenizer "$RUN/vae" --data "$RUN/data/val_clip.csv" --max-images 1000 \

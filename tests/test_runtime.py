@@ -255,3 +255,21 @@ def test_fold_batchnorm_keeps_outputs_and_refuses_wrong_pairings():
         with torch.no_grad():
             torch.testing.assert_close(folded(x), m(x), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(folded(x + 1), m(x + 1), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_bf16_training_and_the_precision_chooser(tmp_path, monkeypatch):
+    """bf16 autocast trains on CPU (the loss falls like fp32's); the chooser asks oneDNN and says fp32 without it."""
+    from train_runtime import trainer as tr
+
+    Trainer(cfg(tmp_path / "a"), Toy(), toy_data()).fit()
+    Trainer(cfg(tmp_path / "b", precision="bf16"), Toy(), toy_data()).fit()
+    fp32, bf16 = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert bf16[30] < 0.5 * bf16[1] and abs(bf16[30] - fp32[30]) < 0.25 * fp32[1]
+    assert bf16[1] != fp32[1]  # autocast really ran in bf16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert tr.cpu_training_precision() == "fp32"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert tr.cpu_training_precision() == "bf16"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert tr.cpu_training_precision() == "fp32"
