@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_
 # --- sizes and budgets (the full demo: ~8-10 minutes on 2 CPU cores) -------------------------------------------------
 N_RAW=3000; IMG=64  # IMG: the side models train at (raw images are 64 px: the download keeps sides >= 50)
 VAE_ARGS=(--hidden-dim 64 --num-resnet-blocks 1 --num-tokens 512 --emb-dim 32 --batch-size 16 --lr 3e-3
-          --schedule constant --max-steps 2400 --max-time 150)
+          --schedule constant --max-steps 2400 --max-time 140)
 JUDGE_ARGS=(--calib 480)
 DALLE_ARGS=(--dim 192 --depth 4 --heads 4 --dim-head 48 --text-seq-len 16 --batch-size 16 --lr 2e-3
             --warmup-steps 50 --null-cond-prob 0.2 --max-steps 1200 --max-time 230)
@@ -84,9 +84,10 @@ fi
 
 # --- image tokenizer -----------------------------------------------------------------------------------------------
 if ! done_mark vae; then
+  # one loader process: with bf16 the steps are short enough that loading in the same process costs ~0.5 dB in the budget
   t=$(date +%s)
   step $PY -m vae_train --model dvae --quantizer vq --train-data "$RUN/data/train_clip.csv" \
-    --val-data "$RUN/data/val_clip.csv" --image-size $IMG "${VAE_ARGS[@]}" --activation leaky_relu --workers 0 \
+    --val-data "$RUN/data/val_clip.csv" --image-size $IMG "${VAE_ARGS[@]}" --activation leaky_relu --workers 1 \
     --precision "$($PY -c 'from train_runtime.trainer import cpu_training_precision as p; print(p())')" \
     --channels-last \
     --log-every 20 --eval-images 256 --out-dir "$RUN/vae"
@@ -130,8 +131,9 @@ fi
 if ! done_mark generate; then
   t=$(date +%s)
   mkdir -p "$RUN/logs"
-  # Two prompts at a time (each process is mostly single-threaded start-up): every command is printed when it
-  # starts, its own output goes to logs/gen-p$i.log; a line reports each finished prompt.
+  # Two prompts at a time, one thread each (two 2-thread processes on 2 cores stall in OpenMP's spin-waits: measured
+  # 15-60 s per pair against 11 s): every command is printed when it starts, its own output goes to
+  # logs/gen-p$i.log; a line reports each finished prompt.
   gen_one() {
     local i=$1 log="$RUN/logs/gen-p$1.log"
     : > "$log"
@@ -139,7 +141,7 @@ if ! done_mark generate; then
                "clip_sort.py|${PROMPTS[$i]}|$N_GEN|$RUN/gen/p$i|--scorer|clip:$RUN/clip|--top-k|$TOP_K"; do
       IFS='|' read -r -a args <<< "$cmd"
       echo "+ $PY ${args[*]}"
-      "$PY" "${args[@]}" >> "$log" 2>&1 || { echo "failed: $PY ${args[*]} (see $log)"; tail -5 "$log"; return 2; }
+      OMP_NUM_THREADS=1 "$PY" "${args[@]}" >> "$log" 2>&1 || { echo "failed: $PY ${args[*]} (see $log)"; tail -5 "$log"; return 2; }
     done
     echo "  prompt $((i + 1))/${#PROMPTS[@]} generated and ranked: $RUN/gen/p$i ($(tail -1 "$log" | cut -c1-60)...)"
   }
