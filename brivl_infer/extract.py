@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from brivl_infer.evaluate import IMG_FILE, TEXT_FILE
 from brivl_infer.load import load_brivl, read_config
-from brivl_infer.model import PRECISIONS, BriVLConfig
+from brivl_infer.model import BriVLConfig
 from brivl_infer.preprocess import prepare_image
 from form_data.cli import ArgumentParser, UserError, non_negative_int, positive_int, run
 from form_data.fileio import StagedFiles, ensure_writable_dir, read_jsonl
+from form_data.inference import PRECISIONS
 
 
 def read_samples(path: Path, text_key: str = "sur_text", image_root: Path | None = None

@@ -22,9 +22,10 @@ import torch
 import yaml
 from torch import Tensor
 
-from brivl_infer.model import PRECISIONS, BriVL, BriVLConfig
+from brivl_infer.model import BriVL, BriVLConfig
 from form_data.cli import UserError
 from form_data.device import resolve_device
+from form_data.inference import PRECISIONS
 from form_data.tokenizer import ChineseTokenizer, load_tokenizer
 
 # config.json values of the published checkpoints (hidden dropout etc. do not matter at inference)

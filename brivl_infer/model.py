@@ -26,12 +26,11 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 
-from form_data.inference import fold_batchnorm
+from form_data.inference import PRECISIONS, autocast, fold_batchnorm
 from form_data.tokenizer import ChineseTokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -239,8 +238,7 @@ class BriVL(nn.Module):
         return self
 
     def _autocast(self):
-        dtype = PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast(self.device, self.precision)
 
     def image_features(self, images: Tensor, boxes: Tensor, mask: Tensor) -> Tensor:
         """L2-normalised image embeddings [B, D] of preprocessed tensors (see :mod:`brivl_infer.preprocess`)."""

@@ -31,7 +31,7 @@ from torch import nn
 
 from form_data.cli import UserError
 from form_data.datasets import default_transform
-from form_data.inference import fold_batchnorm
+from form_data.inference import PRECISIONS, autocast, fold_batchnorm
 
 SCORERS: dict[str, str] = {
     "clip": "clip_train.scorers:make_clip_scorer",
@@ -39,7 +39,6 @@ SCORERS: dict[str, str] = {
     "brivl": "brivl_infer.scorer:make_scorer",
 }
 USAGE = "clip:CKPT | cnclip:ARCH:WEIGHTS | brivl:CFG:CKPT"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Scorer(Protocol):
@@ -92,7 +91,7 @@ class EmbeddingScorer:
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         self.preprocess, self.encode_images, self.encode_text = preprocess, encode_images, encode_text
-        self.device, self.batch_size, self.dtype = device, batch_size, PRECISIONS[precision]
+        self.device, self.batch_size, self.precision = device, batch_size, precision
         self._threads: ThreadPoolExecutor | None = None
 
     def _prep(self, img: Image.Image) -> torch.Tensor:
@@ -112,13 +111,12 @@ class EmbeddingScorer:
 
     @torch.inference_mode()
     def score(self, text: str, images: list[Image.Image]) -> np.ndarray:
-        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
-        with autocast:
+        with autocast(self.device, self.precision):
             text_feature = torch.nn.functional.normalize(self.encode_text(text).float(), dim=-1)
         scores = []
         for i in range(0, len(images), self.batch_size):
             batch = torch.stack(list(self._pool().map(self._prep, images[i:i + self.batch_size])))
-            with autocast:
+            with autocast(self.device, self.precision):
                 feats = self._images(batch)
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
             scores.append((feats @ text_feature.T).squeeze(1).cpu())

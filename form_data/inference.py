@@ -1,4 +1,7 @@
-"""Inference-only speed-ups shared by the rerankers (CLIP and BriVL image towers on CPU).
+"""Inference-only speed-ups shared by the rerankers (CLIP and BriVL image towers on CPU), and their precisions.
+
+``PRECISIONS`` names the inference precisions every scorer accepts; :func:`autocast` is the context a tower runs in
+("bf16"/"fp16": ``torch.autocast``; "fp32": nothing).
 
 ``fold_batchnorm`` folds every eval-mode ``BatchNorm2d`` into the ``Conv2d`` that feeds it (w' = w * g / sqrt(v + eps),
 b' = beta + (b - mean) * g / sqrt(v + eps)), so a conv tower runs one pass per layer instead of two; timm's
@@ -14,6 +17,14 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context for ``precision`` on ``device`` (disabled for fp32)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _fold_in_place(module: nn.Module) -> int:
