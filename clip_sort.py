@@ -25,6 +25,7 @@ CELL = 160  # grid cell: the image fits in CELL x CELL, the score line goes unde
 
 def parser() -> ArgumentParser:
     from clip_train.scorers import USAGE
+    from form_data.inference import PRECISIONS
 
     p = ArgumentParser(prog="clip_sort.py", description=__doc__.split("\n\n")[0])
     p.add_argument("text", help="the caption the images were generated for")
@@ -34,7 +35,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--top-k", type=positive_int, default=4, help="images copied to DIR/top/")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images encoded together")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="bf16/fp16: autocast (CUDA, or bf16 on a CPU with AVX512-BF16/AMX); scores move by ~1e-3")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickle when loading the scorer's weights")
     return p

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clip_train.scorers import make_scorer
 from form_data.cli import ArgumentParser, positive_int, run
 from form_data.fileio import write_json
+from form_data.inference import PRECISIONS
 
 TEXT = "一碗红烧牛肉面"
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS),
                    help="precisions of the batched scorer (fp32 first: the exact one)")
     p.add_argument("--json", default="", help="write the figures to this JSON file")
     a = p.parse_args(argv)

@@ -130,7 +130,7 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool = False) ->
 
 def cpu_training_precision() -> str:
     """"bf16" where this CPU runs bf16 convolutions and matmuls natively through oneDNN (AVX512-BF16 / AMX: about
-    1.4x the training images/s of fp32 for the demo's tokenizer), else "fp32". CPU runs default to fp32; the demo
+    1.5x the training images/s of fp32 for the demo's tokenizer), else "fp32". CPU runs default to fp32; the demo
     asks for this."""
     try:
         native = torch.ops.mkldnn._is_mkldnn_bf16_supported() and "AVX512" in torch.backends.cpu.get_cpu_capability()
