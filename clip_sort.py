@@ -4,6 +4,8 @@ well they match TEXT.
 Prints a ranking table and writes ``DIR/ranking.json`` (file, score, rank for every image), ``DIR/top/`` (the top-k
 copied in rank order as ``{rank}_{file}``) and ``DIR/ranked_grid.png`` (all images in rank order, score under each).
 The scorer is ``--scorer clip:CKPT`` (our CLIP), ``cnclip:ARCH:WEIGHTS`` (Chinese-CLIP) or ``brivl:CFG:CKPT``.
+``TEXT`` may be ``@FILE`` (one prompt per line): prompt i ranks ``DIR/p{i}/``, as ``dalle_gen.py @FILE N DIR`` wrote
+them, with one scorer load for all.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from form_data.cli import ArgumentParser, UserError, positive_int, run
+from form_data.cli import ArgumentParser, UserError, expand_prompts, positive_int, run
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 CELL = 160  # grid cell: the image fits in CELL x CELL, the score line goes under it
@@ -28,7 +30,7 @@ def parser() -> ArgumentParser:
     from form_data.inference import PRECISIONS
 
     p = ArgumentParser(prog="clip_sort.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("text", help="the caption the images were generated for")
+    p.add_argument("text", help="the caption the images were generated for, or @FILE: one a line, ranking DIR/p{i}")
     p.add_argument("n", type=positive_int, help="number of images: DIR/0.png ... DIR/{N-1}.png (or .jpg)")
     p.add_argument("dir", help="directory of the generated images")
     p.add_argument("--scorer", default="clip:runs/clip", help=USAGE)
@@ -123,21 +125,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from form_data.fileio import ensure_writable_dir
 
     split_spec(a.scorer)  # an unknown scorer fails before any image is read
-    directory = Path(a.dir)
-    paths = find_images(directory, a.n)
-    ensure_writable_dir(directory)
-    images = load_images(paths)
+    jobs = [(text, Path(d), find_images(Path(d), a.n)) for text, d in expand_prompts(a.text, a.dir)]
+    for _, directory, _ in jobs:
+        ensure_writable_dir(directory)
     scorer = make_scorer(a.scorer, device=a.device, batch_size=a.batch_size, trust_checkpoint=a.trust_checkpoint,
                          precision=a.precision)
-    scores = np.asarray(scorer.score(a.text, images), dtype=np.float64)
-    if scores.shape != (len(images),) or not np.isfinite(scores).all():
-        raise RuntimeError(f"scorer {a.scorer} returned {scores.shape} scores for {len(images)} images: {scores}")
-    ranking = write_outputs(directory, a.text, a.scorer, paths, images, scores, a.top_k)
-    print(f"{'rank':>4}  {'score':>9}  file")
-    for row in ranking:
-        print(f"{row['rank']:>4}  {row['score']:>9.4f}  {row['file']}")
-    print(f"wrote {directory}/ranking.json, {directory}/top/ (top {min(a.top_k, len(ranking))}), "
-          f"{directory}/ranked_grid.png")
+    for text, directory, paths in jobs:
+        images = load_images(paths)
+        scores = np.asarray(scorer.score(text, images), dtype=np.float64)
+        if scores.shape != (len(images),) or not np.isfinite(scores).all():
+            raise RuntimeError(f"scorer {a.scorer} returned {scores.shape} scores for {len(images)} images: {scores}")
+        ranking = write_outputs(directory, text, a.scorer, paths, images, scores, a.top_k)
+        if len(jobs) > 1:
+            print(f"{directory}: {text}")
+        print(f"{'rank':>4}  {'score':>9}  file")
+        for row in ranking:
+            print(f"{row['rank']:>4}  {row['score']:>9.4f}  {row['file']}")
+        print(f"wrote {directory}/ranking.json, {directory}/top/ (top {min(a.top_k, len(ranking))}), "
+              f"{directory}/ranked_grid.png", flush=True)
     return 0
 
 

@@ -1,5 +1,8 @@
 """``python dalle_gen.py TEXT N DIR``: N images for a Chinese caption with a trained DALLE checkpoint.
 
+``TEXT`` may be ``@FILE``: one prompt per line, prompt i written to ``DIR/p{i}/`` with seeds ``--seed + 1000 i + j``,
+all in one process (one start-up and one model load for every prompt).
+
 Writes ``DIR/{i}.png`` (``--format jpg`` for the seed's ``{i}.jpg``), ``DIR/grid.png`` and ``DIR/meta.json`` (prompt,
 settings, per-image seeds, checkpoint). Sampling is batched and KV-cached; ``--cond-scale`` > 1 uses classifier-free
 guidance (the model must have been trained with ``--null-cond-prob`` > 0); ``--top-k`` / ``--filter-thres`` act on the
@@ -13,12 +16,13 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from form_data.cli import ArgumentParser, UserError, int_at_least, positive_int, run
+from form_data.cli import PROMPT_SEED_STRIDE, ArgumentParser, UserError, expand_prompts, int_at_least, positive_int, run
 
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="dalle_gen.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("text", help="the caption (Chinese); longer than the model's text length -> truncated, with a warning")
+    p.add_argument("text", help="the caption (Chinese; longer than the model's text length -> truncated, with a "
+                                "warning), or @FILE: one caption a line, caption i written to DIR/p{i}")
     p.add_argument("n", type=int, help="number of images")
     p.add_argument("dir", help="output directory (created if missing)")
     p.add_argument("--checkpoint", default="runs/dalle", help="DALLE run directory, ckpt-*.pt or dalle.safetensors")
@@ -52,22 +56,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dalle_train.generate import generate, load_dalle, settings_dict, write_outputs
     from form_data.fileio import ensure_writable_dir
 
-    ensure_writable_dir(a.dir)  # fail before loading anything
+    jobs = expand_prompts(a.text, a.dir)
+    for _, out in jobs:
+        ensure_writable_dir(out)  # fail before loading anything
     bundle = load_dalle(a.checkpoint, a.device, a.vocab, a.image_tokenizer, a.image_tokenizer_yaml,
                         a.trust_checkpoint)
-    settings = settings_dict(bundle, batch_size=a.batch_size, top_k=a.top_k, filter_thres=filter_thres,
-                             temperature=a.temperature, cond_scale=a.cond_scale, seed=a.seed)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.formatwarning = lambda msg, *args, **kw: f"dalle_gen.py: warning: {msg}\n"
-        gen = generate(bundle, a.text, a.n, seed=a.seed, batch_size=a.batch_size, top_k=a.top_k,
-                       filter_thres=filter_thres, temperature=a.temperature, cond_scale=a.cond_scale,
-                       progress=not a.quiet)
-    seconds = time.perf_counter() - t0
-    paths = write_outputs(gen, a.dir, a.text, {**settings, "seconds": round(seconds, 3)}, bundle.checkpoint, a.format)
-    print(json.dumps({"dir": a.dir, "images": len(paths), "seconds": round(seconds, 3),
-                      "images_per_s": round(len(paths) / max(seconds, 1e-9), 2)}, ensure_ascii=False))
+    for i, (text, out) in enumerate(jobs):
+        seed = a.seed + PROMPT_SEED_STRIDE * i if len(jobs) > 1 else a.seed
+        settings = settings_dict(bundle, batch_size=a.batch_size, top_k=a.top_k, filter_thres=filter_thres,
+                                 temperature=a.temperature, cond_scale=a.cond_scale, seed=seed)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.formatwarning = lambda msg, *args, **kw: f"dalle_gen.py: warning: {msg}\n"
+            gen = generate(bundle, text, a.n, seed=seed, batch_size=a.batch_size, top_k=a.top_k,
+                           filter_thres=filter_thres, temperature=a.temperature, cond_scale=a.cond_scale,
+                           progress=not a.quiet)
+        seconds = time.perf_counter() - t0
+        paths = write_outputs(gen, out, text, {**settings, "seconds": round(seconds, 3)}, bundle.checkpoint, a.format)
+        print(json.dumps({"dir": out, "images": len(paths), "seconds": round(seconds, 3),
+                          "images_per_s": round(len(paths) / max(seconds, 1e-9), 2)}, ensure_ascii=False), flush=True)
     return 0
 
 

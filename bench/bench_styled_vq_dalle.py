@@ -2,8 +2,8 @@
 DALLE size and budget, same prompts, seeds and guidance, judged by the same colour/shape judge.
 
 It needs a finished ``make demo`` run (its data, vocab, judge, DALLE config and generated prompt folders are the
-baseline) and trains, through the user commands, a Styled-VQ tokenizer with the same wall-clock budget as the demo's
-dVAE -> dump -> k-means (the dVAE's codebook size) -> attach -> tokenize -> DALLE with the demo's flags ->
+baseline) and trains, through the user commands, a Styled-VQ tokenizer for as many steps as the demo's dVAE (fixed
+work, never a time) -> dump -> k-means (the dVAE's codebook size) -> attach -> tokenize -> DALLE with the demo's flags ->
 ``dalle_gen.py`` per prompt. Then it times generation of both DALLE models in this process (same N, batch, guidance).
 
     python bench/bench_styled_vq_dalle.py --demo runs/demo --work runs/demo_svq --json out.json
@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--demo", default="runs/demo", help="a finished `make demo` run directory")
     p.add_argument("--work", default="runs/demo_svq")
     p.add_argument("--preset", default="tiny36-64px")
-    p.add_argument("--svq-time", type=float, default=0, help="stage-1 seconds (default: the demo dVAE's --max-time)")
+    p.add_argument("--svq-steps", type=int, default=0, help="stage-1 steps (default: the demo dVAE's --max-steps)")
     p.add_argument("--svq-lr", type=float, default=2e-3)
     p.add_argument("--svq-batch-size", type=int, default=16)
     p.add_argument("--speed-n", type=int, default=64)
@@ -91,7 +91,7 @@ def main() -> None:
     dalle_cfg = json.loads((demo / "dalle" / "config.json").read_text())
     vae_model = vae_cfg.get("model", vae_cfg.get("vae", {}))
     k = int(vae_model.get("num_tokens", 512))
-    svq_time = a.svq_time or float(vae_cfg["runtime"]["max_time"] or 300)
+    svq_steps = a.svq_steps or int(vae_cfg["runtime"]["max_steps"])  # fixed work, as the demo: never a time
     timings = {}
 
     def timed(name, *args):
@@ -103,7 +103,7 @@ def main() -> None:
         timed("stage1", "-m", "styled_vq", "--stage", "1", "--preset", a.preset, "--train-data",
               str(data / "train_clip.csv"), "--val-data", str(data / "val_clip.csv"), "--batch-size",
               str(a.svq_batch_size), "--lr", str(a.svq_lr), "--warmup-steps", "50", "--schedule", "constant",
-              "--max-steps", "100000", "--max-time", str(svq_time), "--workers", "0", "--log-every", "20",
+              "--max-steps", str(svq_steps), "--workers", "0", "--log-every", "20",
               "--out-dir", str(work / "s1"))
         timed("dump", "-m", "styled_vq", "dump", "--model", str(work / "s1"), "--data", str(data / "train_clip.csv"),
               "--out", str(work / "feats"), "--workers", "0")

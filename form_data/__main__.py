@@ -1,11 +1,11 @@
-"""``python -m form_data <command>``: synth, clean, download, export, vocab, judge, report, serve."""
+"""``python -m form_data <command>``: synth, clean, download, export, vocab, judge, report, calibrate, steps, serve."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from form_data.cli import ArgumentParser, UserError, non_negative_int, positive_int, run
+from form_data.cli import ArgumentParser, UserError, int_at_least, non_negative_int, positive_int, run
 
 
 def _synth(a) -> None:
@@ -72,7 +72,7 @@ def _judge_train(a) -> None:
     from form_data.judge import train_judge
 
     report = train_judge(a.data, a.out, holdout=a.holdout, calib=a.calib, steps=a.steps, max_images=a.max_images,
-                         seed=a.seed, progress=not a.quiet)
+                         seed=a.seed, progress=not a.quiet, image_size=a.image_size)
     acc = report["heldout_accuracy"]
     print(f"judge: {a.out}/judge.pt trained on {report['train_images']} images; held-out rendered images: shape "
           f"{acc['seen/shape']:.1%} seen / {acc.get('unseen/shape', float('nan')):.1%} unseen, colour "
@@ -93,6 +93,22 @@ def _report(a) -> None:
     metrics = build_report(a.run, top_k=a.top_k, holdout=a.holdout, group_size=a.group_size)
     print(metrics["table"])
     print(f"wrote {a.run}/metrics.json and {a.run}/report.html")
+
+
+def _calibrate(a) -> None:
+    from form_data.device import calibrate, calibration_line
+    from form_data.fileio import write_json
+
+    c = calibrate(a.seconds)
+    print(calibration_line(c), flush=True)
+    if a.out:
+        write_json(a.out, c)
+
+
+def _steps(a) -> None:
+    from form_data.demo_steps import step_table
+
+    print(step_table(a.run))
 
 
 def _serve(a) -> None:
@@ -176,6 +192,8 @@ def build_parser() -> ArgumentParser:
     jt.add_argument("--calib", type=positive_int, default=480, help="rendered held-out images of all combinations")
     jt.add_argument("--steps", type=positive_int, default=120, help="training batches of 64")
     jt.add_argument("--max-images", type=positive_int, default=4000)
+    jt.add_argument("--image-size", type=int_at_least(8), default=64,
+                    help="side of the images it will judge (below 64: trained on images brought to that side)")
     jt.add_argument("--seed", type=int, default=0)
     jt.add_argument("--quiet", action="store_true")
     jt.set_defaults(func=_judge_train)
@@ -191,6 +209,15 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--group-size", type=positive_int, default=32, help="samples per rerank draw (seed group)")
     r.add_argument("--holdout", default="default", help="combinations unseen in training (as in `synth`)")
     r.set_defaults(func=_report)
+
+    cb = sub.add_parser("calibrate", help="print the device, CPU capability and the fp32 matmul GFLOP/s (about 1 s)")
+    cb.add_argument("--out", help="also write the figures to this JSON file")
+    cb.add_argument("--seconds", type=float, default=1.0, help="how long to time the matmul")
+    cb.set_defaults(func=_calibrate)
+
+    st = sub.add_parser("steps", help="the demo's per-step wall times (RUN/timings.tsv), scaled to the slow CPU kind")
+    st.add_argument("run", help="demo run directory (runs/demo)")
+    st.set_defaults(func=_steps)
 
     sv = sub.add_parser("serve", help="serve a directory over loopback HTTP (for the synthetic raw images)")
     sv.add_argument("directory")

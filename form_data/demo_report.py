@@ -5,7 +5,7 @@ layout it reads (what ``scripts/demo.sh`` writes)::
 
     RUN/vae/ (metrics.jsonl, recon_latest.png)   RUN/vae_eval.json (held-out PSNR, usage)
     RUN/judge/ (judge.pt, judge_report.json, calib_attributes.jsonl, recon/{i}.png)
-    RUN/dalle/metrics.jsonl   RUN/clip/ (metrics.jsonl, result.json)   RUN/timings.tsv (step, seconds)
+    RUN/dalle/metrics.jsonl   RUN/clip/ (metrics.jsonl, result.json)   RUN/timings.tsv (step, seconds, kind)
     RUN/gen/<name>/ ({i}.png, meta.json, ranking.json) — one directory per prompt
 
 Metrics:
@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from form_data.cli import UserError
+from form_data.demo_steps import step_table
 from form_data.fileio import atomic_write, read_jsonl, write_json
 from form_data.judge import Judge, accuracy, score_dir
 from form_data.synth import parse_caption, parse_holdout
@@ -90,6 +91,8 @@ def collect(run: str | os.PathLike, top_k: int = 4, holdout: str = "default", gr
     run = Path(run)
     held = set(parse_holdout(holdout))
     m: dict = {"machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if (run / "calibration.json").is_file():  # where it ran (form_data calibrate): not a result, like machine and date
+        m["calibration"] = _json(run / "calibration.json")
     vae = _json(run / "vae_eval.json")
     m["S1/psnr"], m["S1/codebook_usage"] = float(vae["psnr"]), float(vae["used_fraction"])
     judge = Judge.load(run / "judge")
@@ -192,12 +195,10 @@ def write_html(run: Path, data: dict) -> Path:
         rows.append(f"<tr class='{ok}'><td>{key}</td><td>{_fmt(v) if v is not None else '-'}</td>"
                     f"<td>{target:g}</td><td>{ok or '-'}</td></tr>")
     others = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in m.items()
-                     if k not in TARGETS and k != "prompts")
+                     if k not in TARGETS and k not in ("prompts", "calibration"))
     timings = ""
     if (run / "timings.tsv").is_file():
-        trs = [line.split("\t") for line in (run / "timings.tsv").read_text().splitlines() if "\t" in line]
-        timings = "<h2>Steps</h2><table><tr><th>step</th><th>seconds</th></tr>" + "".join(
-            f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for a, b in trs) + "</table>"
+        timings = f"<h2>Steps</h2><pre>{html.escape(step_table(run))}</pre>"
     parts = [f"""<!doctype html><html lang="zh"><head><meta charset="utf-8"><title>make demo report</title>
 <style>body{{font-family:sans-serif;margin:24px;max-width:1400px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} tr.pass td{{background:#e6f6e6}}

@@ -217,6 +217,29 @@ def _long_piece_caption(base: str) -> str:
     return text  # >= 19 chars, no separator, no digit, contains the keyword
 
 
+def _render_file(job: tuple[str, Attributes, int, int]) -> None:
+    path, attrs, size, seed = job
+    render(attrs, size, seed).save(path)
+
+
+def _render_files(jobs: Sequence[tuple[str, Attributes]], size: int, seed: int, progress: bool) -> None:
+    """Render and save each (path, attributes) on every core (the images are the same as one process renders)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    work = [(path, attrs, size, seed) for path, attrs in jobs]
+    workers = min(len(work) // 256 + 1, os.cpu_count() or 1)
+    bar = tqdm(total=len(work), desc="synth raw", disable=not progress, unit="img")
+    if workers <= 1:
+        for job in work:
+            _render_file(job)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_render_file, work, chunksize=64):
+                bar.update()
+    bar.close()
+
+
 def write_raw(out: str | os.PathLike, base_url: str, n: int = 3000, image_size: int = 64,
               holdout: Sequence[tuple[str, str]] = DEFAULT_HOLDOUT, seed: int = 0, progress: bool = True) -> dict:
     """A Wukong-style raw CSV ``OUT/wukong_raw.csv`` (url,caption), the images to serve under ``OUT/www/``, the keyword
@@ -231,12 +254,14 @@ def write_raw(out: str | os.PathLike, base_url: str, n: int = 3000, image_size: 
     seen = [c for c in all_combos() if c not in set(holdout)]
     rows: list[tuple[str, str]] = []
     attrs_rows = []
-    for i, attrs, caption in tqdm(generate_split(n, "raw", seen, seed), total=n, desc="synth raw",
-                                  disable=not progress, unit="img"):
+    for i, attrs, caption in generate_split(n, "raw", seen, seed):
         name = f"{i:06d}.png"
-        render(attrs, image_size, seed).save(www / name)
         rows.append((f"{base_url}/{name}", caption))
-        attrs_rows.append({"url": f"{base_url}/{name}", "caption": caption, **asdict(attrs), "attrs": attrs})
+        attrs_rows.append({"url": f"{base_url}/{name}", "caption": caption, **asdict(attrs), "attrs": attrs,
+                           "path": str(www / name)})
+    _render_files([(r["path"], r["attrs"]) for r in attrs_rows], image_size, seed, progress)
+    for r in attrs_rows:
+        del r["path"]
 
     k = max(2, n // _RAW_NOISE_PER)
     rng = np.random.default_rng([seed, 3])

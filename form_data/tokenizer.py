@@ -29,13 +29,15 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
-import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from form_data.cli import UserError
 from form_data.fileio import atomic_write, ensure_writable_dir, utf8_error
+
+if TYPE_CHECKING:
+    import torch
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # build_vocab writes them first, in this order ([PAD] = 0)
@@ -169,6 +171,8 @@ class ChineseTokenizer:
             if special:
                 ids = [self.cls_id, *ids, self.sep_id]
             rows.append(ids + [self.pad_id] * (length - len(ids)))
+        import torch  # here, not at the top: `form_data vocab` builds a vocab without paying torch's start-up
+
         out = torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
         if return_truncated:
             return out, torch.tensor(truncated, dtype=torch.bool)
@@ -178,7 +182,7 @@ class ChineseTokenizer:
         """Text of one row of ids. [PAD]/[CLS]/[SEP]/[MASK] are skipped, [UNK] (and any id outside the vocab) is shown
         as '[UNK]'; Chinese characters are joined without spaces, '##' pieces glued to the previous piece, and a
         space is kept only between two Latin words/numbers."""
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "dim") and hasattr(ids, "tolist"):  # a tensor (torch is not imported for this test)
             if ids.dim() > 1:
                 raise ValueError(f"decode takes one row of ids, got shape {tuple(ids.shape)}; use decode_batch")
             ids = ids.tolist()

@@ -72,6 +72,23 @@ def test_outputs(cli, ckpt, gen_dir):
     assert [t[2] for t in table] == [row["file"] for row in rows]
 
 
+def test_prompt_file_ranks_each_directory_as_its_own_call(ckpt, gen_dir, tmp_path):
+    root = tmp_path / "many"
+    for i in range(2):
+        shutil.copytree(gen_dir, root / f"p{i}")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("大红色圆形\n小蓝色星形\n", encoding="utf-8")
+    assert clip_sort.main([f"@{prompts}", "5", str(root), "--scorer", f"clip:{ckpt}", "--device", "cpu"]) == 0
+    assert clip_sort.main(["小蓝色星形", "5", str(gen_dir), "--scorer", f"clip:{ckpt}", "--device", "cpu"]) == 0
+    texts = [json.loads((root / p / "ranking.json").read_text(encoding="utf-8"))["text"] for p in ("p0", "p1")]
+    assert texts == ["大红色圆形", "小蓝色星形"]
+    one = json.loads((gen_dir / "ranking.json").read_text(encoding="utf-8"))["ranking"]
+    assert json.loads((root / "p1" / "ranking.json").read_text(encoding="utf-8"))["ranking"] == one
+    (root / "p1" / "4.png").unlink()  # a missing image in any directory fails before anything is scored
+    with pytest.raises(UserError, match="missing"):
+        clip_sort.main([f"@{prompts}", "5", str(root), "--scorer", f"clip:{ckpt}", "--device", "cpu"])
+
+
 def test_rerun_replaces_top(ckpt, gen_dir):
     (gen_dir / "top").mkdir()
     (gen_dir / "top" / "stale.png").write_bytes(b"old")

@@ -187,6 +187,31 @@ def test_dalle_gen_end_to_end(trained, tmp_path, cli):
     assert r.returncode == 0 and "truncated" in r.stderr
 
 
+def test_dalle_gen_prompt_file_is_one_run_per_line(trained, tmp_path, cli):
+    """``@FILE``: prompt i -> DIR/p{i} with seeds seed + 1000 i + j, the same images as one call per prompt."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("一个大的红色圆形\n\n小蓝色正方形\n", encoding="utf-8")
+    out = tmp_path / "many"
+    r = cli("dalle_gen.py", f"@{prompts}", "3", str(out), "--checkpoint", str(trained), "--seed", "5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["p0", "p1"]
+    metas = [json.loads((out / p / "meta.json").read_text()) for p in ("p0", "p1")]
+    assert [m["prompt"] for m in metas] == ["一个大的红色圆形", "小蓝色正方形"]
+    assert metas[0]["seeds"] == [5, 6, 7] and metas[1]["seeds"] == [1005, 1006, 1007]
+    single = tmp_path / "single"
+    r = cli("dalle_gen.py", "小蓝色正方形", "3", str(single), "--checkpoint", str(trained), "--seed", "1005", "--quiet")
+    assert r.returncode == 0, r.stderr
+    for i in range(3):
+        assert (single / f"{i}.png").read_bytes() == (out / "p1" / f"{i}.png").read_bytes()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    assert "no prompt" in one_line_error(cli("dalle_gen.py", f"@{empty}", "1", str(tmp_path / "e"), "--checkpoint",
+                                             str(trained)))
+    assert "cannot read the prompt file" in one_line_error(cli("dalle_gen.py", f"@{tmp_path / 'nope.txt'}", "1",
+                                                               str(tmp_path / "e"), "--checkpoint", str(trained)))
+    assert not (tmp_path / "e").exists()
+
+
 def test_dalle_gen_bad_inputs_exit_2(trained, tmp_path, cli, pipeline):
     ck = str(trained)
     assert "not found" in one_line_error(cli("dalle_gen.py", "红色", "2", str(tmp_path / "a"), "--checkpoint",

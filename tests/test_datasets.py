@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from form_data.cli import UserError
 from form_data.datasets import (
     CsvImageText,
+    ImageCache,
     ImageFolderDataset,
     JsonlImageText,
     WebDatasetShards,
@@ -227,6 +228,54 @@ def test_default_transform_shapes():
         assert torch.allclose(x[0], torch.ones(SIZE, SIZE)) and x[1:].abs().max() < 1e-6
     with pytest.raises(UserError):
         default_transform(0)
+
+
+@pytest.mark.parametrize("size", [(64, 64, 64), (64, 64, 32), (700, 560, 64), (560, 700, 64), (33, 90, 64),
+                                  (100, 99, 224), (123, 77, 31)])
+def test_default_transform_is_torchvisions_resize_crop_to_tensor(size):
+    """Our torchvision-free transform gives torchvision's pixels exactly (importing torchvision costs seconds)."""
+    from torchvision import transforms as T
+
+    w, h, s = size
+    img = Image.fromarray(np.random.default_rng(w * h + s).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    ref = T.Compose([T.Resize(s, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(s),
+                     T.ToTensor()])(img)
+    assert torch.equal(default_transform(s)(img), ref)
+
+
+def test_image_cache_gives_the_decoded_items_and_falls_through_broken_files(tmp_path, monkeypatch):
+    path = _csv(tmp_path, n=9, broken={2: "corrupt", 3: "zero_byte", 8: "text"})
+    plain = CsvImageText(path, image_size=SIZE, cache=False)
+    cached = CsvImageText(path, image_size=SIZE)
+    assert cached._cache is not None and plain._cache is None
+    files = list((path.parent / ".cache").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("train.csv-16px-")
+    for i in range(len(plain)):
+        a, b = plain[i], cached[i]
+        assert torch.equal(a["image"], b["image"]) and (a["index"], a["skipped"], a["caption"]) == (
+            b["index"], b["skipped"], b["caption"]), i
+    assert cached[2]["index"] == 4 and cached[2]["skipped"] == 2 and cached[8]["index"] == 0  # wraps around
+    # A second dataset reads the cache file instead of decoding any image.
+    from form_data import datasets
+
+    want = plain[5]["image"]
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "load_image", lambda *a: pytest.fail("decoded an image despite the cache"))
+        reread = CsvImageText(path, image_size=SIZE)
+        assert torch.equal(reread[5]["image"], want) and reread[2]["index"] == 4
+    # An edited image changes the digest: it is decoded anew.
+    (path.parent / _names(9)[5]).write_bytes(_jpeg(7))
+    fresh = CsvImageText(path, image_size=SIZE)
+    assert torch.equal(fresh[5]["image"], plain[7]["image"])
+    assert len(list((path.parent / ".cache").iterdir())) == 2
+
+
+def test_image_cache_is_skipped_for_random_crops_and_large_listings(tmp_path, monkeypatch):
+    path = _csv(tmp_path, n=4)
+    assert CsvImageText(path, transform=default_transform(SIZE, random_crop=True))._cache is None
+    monkeypatch.setattr(ImageCache, "MAX_BYTES", 4 * 3 * SIZE * SIZE - 1)
+    assert CsvImageText(path, image_size=SIZE)._cache is None
+    assert not (path.parent / ".cache").exists()
 
 
 def test_collate():

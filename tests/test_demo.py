@@ -65,6 +65,29 @@ def test_shape_classifier_generalises_to_unseen_combinations(judge):
     assert acc["all/colour"] >= 0.98
 
 
+def test_small_image_judge_works_at_their_side_and_round_trips(tmp_path):
+    """A judge for 32-px images classifies at 32 px (a quarter of the compute) and still tells every shape apart on
+    rendered images brought to 32 px; its side is saved with it."""
+    from form_data.datasets import ResizeCenterCrop
+
+    seen = [c for c in synth.all_combos() if c not in set(synth.DEFAULT_HOLDOUT)]
+    small = ResizeCenterCrop(32).pil
+    images, shapes = [], []
+    for _, a, _ in synth.generate_split(1536, "train", seen, 0):
+        images.append(small(synth.render(a, 64, 0)))
+        shapes.append(a.shape)
+    j = Judge(size=32)
+    j.fit(images, shapes, steps=120, progress=False)
+    test_images, attrs = rendered_split(240, holdout=synth.DEFAULT_HOLDOUT)
+    acc = accuracy(j, [small(im) for im in test_images], attrs)
+    assert acc["all/shape"] >= 0.9 and acc["all/colour"] >= 0.98, acc
+    j.save(tmp_path / "judge.pt")
+    again = Judge.load(tmp_path)
+    assert again.size == 32
+    probe = [small(im) for im in test_images[:16]]
+    assert [(v.colour, v.shape) for v in again.verdicts(probe)] == [(v.colour, v.shape) for v in j.verdicts(probe)]
+
+
 def test_rerank_gain_arithmetic():
     both = [True, False, False, False] * 2
     scores = [0.9, 0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.9]  # group 1: the good one ranked first; group 2: a bad one first
@@ -113,6 +136,58 @@ def test_demo_writes_every_artefact_and_finite_metrics(demo_run):
                    "-m vae_train", "vae_train tokenize", "-m dalle_train", "-m clip_train", "dalle_gen.py",
                    "clip_sort.py", "form_data report"):
         assert any(needed in c for c in commands), f"no printed command for {needed}"
+
+
+MACHINE_KEYS = ("machine", "date", "calibration")  # where and when it ran: the only part of metrics.json that may differ
+
+
+def test_demo_budgets_are_fixed_work_not_time(demo_run):
+    script = (REPO / "scripts" / "demo.sh").read_text()
+    assert "--max-time" not in script and "max_time" not in script
+    for name in ("vae", "dalle", "clip"):
+        runtime = json.loads((demo_run / name / "config.json").read_text())["runtime"]
+        assert runtime["max_time"] == 0 and runtime["max_steps"] > 0, name
+
+
+def test_demo_prints_calibration_and_step_table(demo_run):
+    out = (demo_run / "stdout.txt").read_text()
+    assert re.search(r"^calibration: device (cpu|cuda).*CPU capability \S+, \d+ threads, fp32 2048² matmul "
+                     r"[\d.]+ GFLOP/s", out, re.MULTILINE), out[:500]
+    cal = json.loads((demo_run / "calibration.json").read_text())
+    assert cal["matmul_gflops"] > 0 and cal["slow_kind_factor"] >= 1
+    table = out[out.index("== per-step wall time"):]
+    for name in ("raw", "download", "vae", "judge", "tokenize", "dalle", "clip", "generate", "report", "total"):
+        assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+\s", table, re.MULTILINE), (name, table)
+    assert "compute-bound steps x" in table and "on the slow kind" in table
+    from form_data.demo_steps import read_steps
+
+    steps = {s.name: s for s in read_steps(demo_run)}
+    for name in ("vae", "dalle", "generate"):  # every CLI process logged its start-up: imports take a while
+        assert steps[name].processes >= 1 and 0 < steps[name].startup < steps[name].seconds, steps[name]
+    assert steps["download"].kind == "io" and steps["dalle"].kind == "compute"
+
+
+def test_demo_same_seed_gives_identical_metrics(demo_run, tmp_path):
+    """A second run from the same data (copied, with its steps marked done) retrains every model: the metrics are
+    the same numbers, not merely close."""
+    again = tmp_path / "again"
+    again.mkdir()
+    for rel in ("raw", "clean", "data", "vocab.txt"):
+        src = demo_run / rel
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, again / rel)
+    for name in ("raw", "clean", "download", "export", "vocab"):
+        (again / f".done-{name}").touch()
+    env = {**os.environ, "DEMO_PROFILE": "ci", "RUN_DIR": str(again),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                       check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "-m vae_train --model" in r.stdout and "-m dalle_train" in r.stdout  # the models were trained again
+    first, second = (json.loads((run / "metrics.json").read_text()) for run in (demo_run, again))
+    for m in (first, second):
+        for key in MACHINE_KEYS:
+            m.pop(key, None)
+    assert second == first
 
 
 def test_demo_second_run_reuses_finished_steps(demo_run):

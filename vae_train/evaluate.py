@@ -48,15 +48,16 @@ def evaluate(tokenizer: str, data: str, max_images: int = 1000, grid: str | None
     batches = tqdm(image_batches(ds, n, dev, batch_size), total=-(-n // batch_size), desc="eval", unit="batch")
     saver = None
     if recon_dir:
-        from torchvision.utils import save_image
+        from PIL import Image
 
         out = ensure_writable_dir(recon_dir)
         count = [0]
 
-        def saver(recon: torch.Tensor) -> None:
-            for img in recon.float().clamp(0, 1).cpu():
+        def saver(recon: torch.Tensor) -> None:  # the pixels torchvision's save_image writes: round(255 x), clamped
+            arrs = recon.float().clamp(0, 1).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            for arr in arrs.cpu().numpy():
                 with atomic_path(out / f"{count[0]}.png") as tmp:
-                    save_image(img, tmp, format="png")
+                    Image.fromarray(arr).save(tmp, format="png")
                 count[0] += 1
 
     metrics, first = reconstruction_metrics(model, batches, saver)

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import vgg16
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +145,8 @@ class VGG16Slices(nn.Module):
     """
 
     def __init__(self, random_init: bool = True) -> None:
+        from torchvision.models import vgg16  # here: importing torchvision costs seconds of every command's start-up
+
         super().__init__()
         if random_init:
             features = vgg16(weights=None).features
