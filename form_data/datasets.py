@@ -302,8 +302,9 @@ class _ListedImages(Dataset):
 class ImageCache:
     """Every image of a listing decoded ONCE through a deterministic :class:`ResizeCenterCrop`, kept as one uint8
     tensor [N, 3, S, S] in a file beside the listing (``.cache/<listing>-<S>px-<digest>.pt``), which every later run
-    over the same listing (trainers, tokenize, eval) reads instead of decoding images again: 3,000 64-px images are
-    37 MB. The digest covers the listing and every image file's size and mtime, so an edited file is decoded anew.
+    over the same listing (trainers, tokenize, eval) reads instead of decoding images again: 2,750 64-px images are
+    34 MB. The digest covers the listing and every image file's size and mtime, so an edited file is decoded anew
+    (and the listing's older cache at that side is removed).
     Listings whose cache would exceed :attr:`MAX_BYTES` are read from the files as before; where the folder is not
     writable the cache lives in memory only. A broken file is stored as a hole and indexes fall through it exactly as
     the uncached dataset does (same ``index`` and ``skipped``)."""
@@ -386,6 +387,9 @@ class ImageCache:
             folder.mkdir(exist_ok=True)
             with atomic_path(path) as tmp:
                 torch.save({"images": images, "ok": ok}, tmp)
+            for stale in folder.glob(f"{glob.escape(src.name)}-{size}px-*.pt"):  # the listing's caches before an edit
+                if stale != path:
+                    stale.unlink(missing_ok=True)
         except OSError as e:
             log.info("image cache kept in memory only (%s: %s)", folder, e)
         return cls(images, ok)
