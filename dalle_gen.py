@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle = load_dalle(a.checkpoint, a.device, a.vocab, a.image_tokenizer, a.image_tokenizer_yaml,
                         a.trust_checkpoint)
     for i, (text, out) in enumerate(jobs):
-        seed = a.seed + PROMPT_SEED_STRIDE * i if len(jobs) > 1 else a.seed
+        seed = a.seed + PROMPT_SEED_STRIDE * i
         settings = settings_dict(bundle, batch_size=a.batch_size, top_k=a.top_k, filter_thres=filter_thres,
                                  temperature=a.temperature, cond_scale=a.cond_scale, seed=seed)
         t0 = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from form_data.cli import ArgumentParser, UserError, int_at_least, non_negative_int, positive_int, run
 
@@ -97,8 +98,12 @@ def _report(a) -> None:
 
 def _calibrate(a) -> None:
     from form_data.device import calibrate, calibration_line
-    from form_data.fileio import write_json
+    from form_data.fileio import ensure_writable_dir, write_json
 
+    if not a.seconds > 0:
+        raise UserError(f"--seconds must be > 0, got {a.seconds}")
+    if a.out:
+        ensure_writable_dir(Path(a.out).parent)
     c = calibrate(a.seconds)
     print(calibration_line(c), flush=True)
     if a.out:
@@ -108,6 +113,8 @@ def _calibrate(a) -> None:
 def _steps(a) -> None:
     from form_data.demo_steps import step_table
 
+    if not (Path(a.run) / "timings.tsv").is_file():
+        raise UserError(f"{a.run}: no timings.tsv (a `make demo` run directory, e.g. runs/demo)")
     print(step_table(a.run))
 
 
@@ -193,7 +200,7 @@ def build_parser() -> ArgumentParser:
     jt.add_argument("--steps", type=positive_int, default=120, help="training batches of 64")
     jt.add_argument("--max-images", type=positive_int, default=4000)
     jt.add_argument("--image-size", type=int_at_least(8), default=64,
-                    help="side of the images it will judge (below 64: trained on images brought to that side)")
+                    help="side of the images it will judge (below 64: trained and judging at that side)")
     jt.add_argument("--seed", type=int, default=0)
     jt.add_argument("--quiet", action="store_true")
     jt.set_defaults(func=_judge_train)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from form_data.cli import UserError
@@ -36,8 +38,6 @@ def calibrate(seconds: float = 1.0) -> dict:
     thread count, and the fp32 2048x2048 matmul rate on the CPU at that thread count (GFLOP/s, the median of the
     matmuls timed). ``slow_kind_factor`` is how many times longer a compute-bound step takes on the slow kind
     (:data:`SLOW_KIND_GFLOPS`), at least 1."""
-    import time
-
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm-up: first-call allocation and kernel choice

@@ -217,9 +217,9 @@ def train_judge(data: str | os.PathLike, out: str | os.PathLike, holdout: str = 
     set ``OUT/calib/{i}.png`` + ``OUT/calib.csv`` + ``OUT/calib_attributes.jsonl`` (to judge a tokenizer's
     reconstructions of it).
 
-    ``image_size``: the side of the images it will judge. Below 64 the judge works at that side: its training images
-    are brought to it as the models see them (on a 32-px tokenizer's reconstructions that took its shape accuracy
-    from 71%, judged at 64 px by a 64-px judge, to 83% or more), and a step costs a quarter of the compute."""
+    ``image_size``: the side of the images it will judge. Below 64 the judge works at that side, on training images
+    brought to it as the models see them: a training step costs about a quarter of the compute (8.4 s against 21.7 s
+    for 120 steps on an AVX2 CPU) at the same accuracy on a 32-px tokenizer's reconstructions (73% against 71%)."""
     from form_data.datasets import ResizeCenterCrop, open_dataset
     from form_data.fileio import ensure_writable_dir, write_json, write_jsonl
     from form_data.synth import parse_holdout

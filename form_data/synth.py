@@ -222,22 +222,16 @@ def _render_file(job: tuple[str, Attributes, int, int]) -> None:
     render(attrs, size, seed).save(path)
 
 
-def _render_files(jobs: Sequence[tuple[str, Attributes]], size: int, seed: int, progress: bool) -> None:
-    """Render and save each (path, attributes) on every core (the images are the same as one process renders)."""
+def _render_files(jobs: Sequence[tuple[str, Attributes, int, int]], progress: bool) -> None:
+    """Render and save each (path, attributes, size, seed) on every core: the same bytes as one process writes."""
+    import contextlib
     from concurrent.futures import ProcessPoolExecutor
 
-    work = [(path, attrs, size, seed) for path, attrs in jobs]
-    workers = min(len(work) // 256 + 1, os.cpu_count() or 1)
-    bar = tqdm(total=len(work), desc="synth raw", disable=not progress, unit="img")
-    if workers <= 1:
-        for job in work:
-            _render_file(job)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for _ in pool.map(_render_file, work, chunksize=64):
-                bar.update()
-    bar.close()
+    workers = min(len(jobs) // 256 + 1, os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        done = pool.map(_render_file, jobs, chunksize=64) if pool else map(_render_file, jobs)
+        for _ in tqdm(done, total=len(jobs), desc="synth raw", disable=not progress, unit="img"):
+            pass
 
 
 def write_raw(out: str | os.PathLike, base_url: str, n: int = 3000, image_size: int = 64,
@@ -254,14 +248,13 @@ def write_raw(out: str | os.PathLike, base_url: str, n: int = 3000, image_size: 
     seen = [c for c in all_combos() if c not in set(holdout)]
     rows: list[tuple[str, str]] = []
     attrs_rows = []
+    jobs = []
     for i, attrs, caption in generate_split(n, "raw", seen, seed):
         name = f"{i:06d}.png"
         rows.append((f"{base_url}/{name}", caption))
-        attrs_rows.append({"url": f"{base_url}/{name}", "caption": caption, **asdict(attrs), "attrs": attrs,
-                           "path": str(www / name)})
-    _render_files([(r["path"], r["attrs"]) for r in attrs_rows], image_size, seed, progress)
-    for r in attrs_rows:
-        del r["path"]
+        attrs_rows.append({"url": f"{base_url}/{name}", "caption": caption, **asdict(attrs), "attrs": attrs})
+        jobs.append((str(www / name), attrs, image_size, seed))
+    _render_files(jobs, progress)
 
     k = max(2, n // _RAW_NOISE_PER)
     rng = np.random.default_rng([seed, 3])

@@ -157,6 +157,7 @@ fi
 begin report
 step $PY -m form_data report "$RUN" --top-k $TOP_K --group-size $GROUP
 printf 'report\t%s\tcompute\n' "$(since "$t")" >> "$RUN/timings.tsv"
+unset ZH_T2I_STARTUP_LOG  # the table below is not part of any step
 echo; echo "== per-step wall time (s) =="
 $PY -m form_data steps "$RUN"
 

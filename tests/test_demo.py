@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import REPO
+from conftest import REPO, one_line_error
 from form_data import synth
 from form_data.demo_report import TARGETS, rerank_gain
 from form_data.judge import Judge, accuracy, object_colour, rendered_split
@@ -162,9 +162,18 @@ def test_demo_prints_calibration_and_step_table(demo_run):
     from form_data.demo_steps import read_steps
 
     steps = {s.name: s for s in read_steps(demo_run)}
-    for name in ("vae", "dalle", "generate"):  # every CLI process logged its start-up: imports take a while
-        assert steps[name].processes >= 1 and 0 < steps[name].startup < steps[name].seconds, steps[name]
+    # every CLI process of a step logged its start-up line: train + eval, two splits, one trainer, gen + rerank
+    processes = {"vae": 2, "judge": 2, "tokenize": 2, "dalle": 1, "clip": 1, "generate": 2, "report": 1}
+    assert {name: steps[name].processes for name in processes} == processes
     assert steps["download"].kind == "io" and steps["dalle"].kind == "compute"
+
+
+def test_calibrate_and_steps_bad_inputs_are_one_line_errors(cli, tmp_path):
+    assert "no timings.tsv" in one_line_error(cli("-m", "form_data", "steps", str(tmp_path)))
+    assert "--seconds must be > 0" in one_line_error(cli("-m", "form_data", "calibrate", "--seconds", "0"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "cannot write" in one_line_error(cli("-m", "form_data", "calibrate", "--out", str(blocker / "c.json")))
 
 
 def test_demo_same_seed_gives_identical_metrics(demo_run, tmp_path):
