@@ -16,7 +16,15 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from form_data.cli import PROMPT_SEED_STRIDE, ArgumentParser, UserError, expand_prompts, int_at_least, positive_int, run
+from zh_t2i_base.cli import (
+    PROMPT_SEED_STRIDE,
+    ArgumentParser,
+    UserError,
+    expand_prompts,
+    int_at_least,
+    positive_int,
+    run,
+)
 
 
 def parser() -> ArgumentParser:
@@ -54,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {a.temperature}")
     from dalle_train.generate import generate, load_dalle, settings_dict, write_outputs
-    from form_data.fileio import ensure_writable_dir
+    from zh_t2i_base.fileio import ensure_writable_dir
 
     jobs = expand_prompts(a.text, a.dir)
     for _, out in jobs:

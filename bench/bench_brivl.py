@@ -5,9 +5,9 @@ folded into the convs, channels-last, a few images at a time on CPU; RoI pooling
 batch, only the valid RoI slot computed.
 Baseline (same run): the original's way (GEN ``clip_sort.py`` / ``XYB_box_extract.py``) — batch 1, the whole paired
 model per image (text re-encoded for every image), all 37 RoI slots through the per-image RoI loop and the
-transformers, NCHW convolutions, with the unused ``*_mom`` copies held in memory. Same preprocessing (IMG_SIZE 380) and weights; the
-scores of both are compared. Each side runs in its own process so that its peak RSS is its own; the sides alternate
-for ``--rounds`` rounds and each keeps its best (the machine may be shared).
+transformers, NCHW convolutions, with the unused ``*_mom`` copies held in memory. Same preprocessing (IMG_SIZE 380)
+and weights; the scores of both are compared. Each side runs in its own process so that its peak RSS is its own;
+the sides alternate for ``--rounds`` rounds and each keeps its best (the machine may be shared).
 
     python bench/bench_brivl.py                        # CPU, 32 images of 256x256, batch 32
     python bench/bench_brivl.py --images 16 --json bench/brivl.json
@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from brivl_infer.encoder import BriVL
 from brivl_infer.load import KNOWN_ENCODERS, build_model
-from brivl_infer.model import BriVL, BriVLConfig
+from brivl_infer.model import BriVLConfig
 from brivl_infer.preprocess import prepare_image, prepare_texts
 from form_data.tokenizer import build_vocab, cn_clip_vocab, load_tokenizer
 
@@ -164,8 +165,9 @@ def main() -> None:
     if a.side:
         run_side(a.side, a.images, a.size, a.batch_size, Path(a.out))
         return
-    info = {"benchmark": "brivl_rerank", "images": a.images, "rounds": a.rounds, "image_size": a.size, "batch_size": a.batch_size,
-            "threads": torch.get_num_threads(), "machine": platform.platform(), "torch": torch.__version__}
+    info = {"benchmark": "brivl_rerank", "images": a.images, "rounds": a.rounds, "image_size": a.size,
+            "batch_size": a.batch_size, "threads": torch.get_num_threads(), "machine": platform.platform(),
+            "torch": torch.__version__}
     if cuda:
         rows = gpu_precisions(a.precisions, a.images, a.size, a.batch_size, a.device)
         info.update(device=torch.cuda.get_device_name(), results=rows)
@@ -184,7 +186,8 @@ def main() -> None:
                     r = json.loads(out.read_text())
                     best = sides.setdefault(side, r)
                     if "cnn_alone_images_per_s" in r:
-                        best["cnn_alone_images_per_s"] = max(best["cnn_alone_images_per_s"], r["cnn_alone_images_per_s"])
+                        best["cnn_alone_images_per_s"] = max(best["cnn_alone_images_per_s"],
+                                                             r["cnn_alone_images_per_s"])
                     best.update(images_per_s=max(best["images_per_s"], r["images_per_s"]),
                                 seconds=min(best["seconds"], r["seconds"]),
                                 peak_rss_mb=max(best["peak_rss_mb"], r["peak_rss_mb"]))

@@ -153,7 +153,7 @@ def main() -> None:
     base_keep = seed_notebook_keep(frame, vocab)
     t_base = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tight_keep = [seed_keep(u, c, vocab) for u, c in zip(urls, captions)]
+    tight_keep = [seed_keep(u, c, vocab) for u, c in zip(urls, captions, strict=True)]
     t_tight = time.perf_counter() - t0
     if tight_keep != base_keep:
         sys.exit("the two baselines keep different rows")

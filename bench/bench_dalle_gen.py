@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dalle_train.model import DALLE, DALLEConfig
 from dalle_train.sample import pick, sample_tokens, top_k_count
-from vae_train.model import DiscreteVAE, DVAEConfig
+from vae_train.dvae import DiscreteVAE, DVAEConfig
 
 
 def seed_way(model: DALLE, text: torch.Tensor, seeds: list[int], k: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from styled_vq.kmeans import kmeans
-from styled_vq.model import nearest
+from vae_train.styled import nearest
 
 ORIGINAL_ITERS = 51  # the original loops until iteration > 50
 
@@ -122,7 +122,8 @@ def main() -> None:
         "ours_iterations": ours.iterations, "ours_fixed_point": ours.converged, "ours_s": ours_total,
         "ours_s_per_iter": ours_per_iter, "ours_searched_fraction": searched,
         "ratio_per_iter": base_per_iter / ours_per_iter,
-        "ours_tol": a.tol, "ours_tol_stop_iteration": None if stop is None else stop + 1, "ours_tol_stop_s": tol_seconds,
+        "ours_tol": a.tol, "ours_tol_stop_iteration": None if stop is None else stop + 1,
+        "ours_tol_stop_s": tol_seconds,
         "ratio_original_51_iters_vs_ours_to_tol": None if tol_seconds is None else
         base_per_iter * ORIGINAL_ITERS / tol_seconds,
         "max_centre_diff_vs_baseline_after_1_iter": same,
@@ -143,7 +144,8 @@ def main() -> None:
           f"{ours.inertia:.4f} for exact Lloyd from the original's start)")
     reached = "never" if beat is None else f"{beat['seconds']:.0f} s"
     print(f"inertia (mean squared distance, all vectors): start {inertia(x, init):.4f}, ours at the end "
-          f"{ours.inertia:.4f}; MiniBatchKMeans ({a.minibatch_epochs} epochs, batch 4096, same start) {mbk_inertia:.4f} "
+          f"{ours.inertia:.4f}; MiniBatchKMeans ({a.minibatch_epochs} epochs, batch 4096, same start) "
+          f"{mbk_inertia:.4f} "
           f"in {mbk_seconds:.0f} s; ours reached that after {reached}")
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=2))

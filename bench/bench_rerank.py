@@ -26,10 +26,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clip_train.scorers import make_scorer
-from form_data.cli import ArgumentParser, positive_int, run
-from form_data.fileio import write_json
-from form_data.inference import PRECISIONS
+from zh_t2i_base.cli import ArgumentParser, positive_int, run
+from zh_t2i_base.fileio import write_json
+from zh_t2i_base.precision import PRECISIONS
+from zh_t2i_rerank.registry import make_scorer
 
 TEXT = "一碗红烧牛肉面"
 
@@ -83,10 +83,12 @@ def measure(spec: str, images: list[Image.Image], batch_size: int, rounds: int, 
             precisions: list[str]) -> dict:
     if spec.startswith("clip:"):
         one = seed_way_clip(spec.removeprefix("clip:"), device)
-        seed_way = lambda: np.array([one(TEXT, img) for img in images])
+        def seed_way():
+            return np.array([one(TEXT, img) for img in images])
     else:
         single = make_scorer(spec, device=device, batch_size=1)
-        seed_way = lambda: np.concatenate([single.score(TEXT, [img]) for img in images])
+        def seed_way():
+            return np.concatenate([single.score(TEXT, [img]) for img in images])
     slow = seed_way()
     t_seed = timed(seed_way, rounds)
     out = {"seed_way_images_per_s": len(images) / t_seed}
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
             results[name] = measure(spec, images, a.batch_size, a.rounds, a.device, a.precisions)
             r = results[name]
             print(f"{name}: {a.images} images of {a.size} px on {a.device}")
-            print(f"  seed's way (batch 1, text re-encoded per image, fp32): {r['seed_way_images_per_s']:8.1f} images/s")
+            print(f"  seed's way (batch 1, text re-encoded per image, fp32): "
+                  f"{r['seed_way_images_per_s']:8.1f} images/s")
             for p in a.precisions:
                 k = "" if p == "fp32" else f"{p}_"
                 print(f"  batched scorer (text once, batch {a.batch_size}, {p}):"

@@ -3,8 +3,9 @@ DALLE size and budget, same prompts, seeds and guidance, judged by the same colo
 
 It needs a finished ``make demo`` run (its data, vocab, judge, DALLE config and generated prompt folders are the
 baseline) and trains, through the user commands, a Styled-VQ tokenizer for as many steps as the demo's dVAE (fixed
-work, never a time) -> dump -> k-means (the dVAE's codebook size) -> attach -> tokenize -> DALLE with the demo's flags ->
-``dalle_gen.py`` per prompt. Then it times generation of both DALLE models in this process (same N, batch, guidance).
+work, never a time) -> dump -> k-means (the dVAE's codebook size) -> attach -> tokenize -> DALLE with the demo's
+flags -> ``dalle_gen.py`` per prompt. Then it times generation of both DALLE models in this process (same N, batch,
+guidance).
 
     python bench/bench_styled_vq_dalle.py --demo runs/demo --work runs/demo_svq --json out.json
 """
@@ -24,9 +25,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dalle_train.generate import generate, load_dalle
-from form_data.judge import Judge, score_dir
-from form_data.synth import parse_caption, parse_holdout
+from dalle_train.generate import generate, load_dalle  # noqa: E402 - run as a script from the repo root
+from form_data.synth import parse_caption, parse_holdout  # noqa: E402
+from zh_t2i_demo.judge import Judge, score_dir  # noqa: E402
 
 DALLE_FLAGS = ("dim", "depth", "heads", "dim_head", "ff_mult", "loss_img_weight", "null_cond_prob")
 RUNTIME_FLAGS = ("batch_size", "lr", "warmup_steps", "max_steps", "max_time", "grad_clip", "seed")
@@ -150,7 +151,8 @@ def main() -> None:
                       "gen_images_per_s": gen_speed(run / "dalle", prompts[0]["prompt"], a.speed_n, cond, a.rounds),
                       **adherence(judge, gen, held)}
     result = {"grid": rows["grid"], "styled_vq": rows["styled_vq"], "timings_s": timings,
-              "gen_speed_ratio_styled_vq_vs_grid": rows["styled_vq"]["gen_images_per_s"] / rows["grid"]["gen_images_per_s"],
+              "gen_speed_ratio_styled_vq_vs_grid":
+                  rows["styled_vq"]["gen_images_per_s"] / rows["grid"]["gen_images_per_s"],
               "threads": torch.get_num_threads()}
     print()
     keys = ["image_tokens", "codes", "psnr", "codebook_usage", "dalle_steps", "gen_images_per_s",

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from form_data import synth
 from train_runtime import RuntimeConfig
-from train_runtime.trainer import cpu_training_precision
 from vae_train.train import VAEConfig, train
+from zh_t2i_base.precision import cpu_training_precision
 
 DEMO_DVAE = {"model": "dvae", "num_layers": 3, "hidden_dim": 64, "num_resnet_blocks": 1, "num_tokens": 512,
              "emb_dim": 32}

@@ -1,8 +1,7 @@
 """1:1 image<->text retrieval recall of extracted features (row i of np_img.npy pairs with row i of np_text.npy).
 
-scores[i, j] = image_i . text_j. A query's rank is the number of candidates scoring higher than its pair plus the
-tied ones with a lower index (a stable sort, lower index first), so results never depend on sort order. Prints
-image->text and text->image R@1/5/10 and their mean (as percentages).
+scores[i, j] = image_i . text_j; ranks and ties as :mod:`zh_t2i_base.retrieval` defines them (a stable sort, lower
+index first). Prints image->text and text->image R@1/5/10 and their mean (as percentages).
 
     python -m brivl_infer.evaluate --features out/xyb [--json out/xyb/recall.json]
 """
@@ -14,32 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from form_data.cli import ArgumentParser, UserError, positive_int, run
-from form_data.fileio import write_json
+from zh_t2i_base.cli import ArgumentParser, UserError, positive_int, run
+from zh_t2i_base.fileio import write_json
+from zh_t2i_base.retrieval import KS, ranks, recall_metrics
 
 IMG_FILE, TEXT_FILE = "np_img.npy", "np_text.npy"  # the original's file names
-CHUNK = 1024
-
-
-def gt_ranks(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """0-based rank of candidate i for query i (ties: lower index first), in row chunks of ``queries @ candidates.T``."""
-    n = len(queries)
-    ranks = np.empty(n, dtype=np.int64)
-    cols = np.arange(len(candidates))
-    for start in range(0, n, CHUNK):
-        rows = np.arange(start, min(start + CHUNK, n))
-        s = queries[rows] @ candidates.T
-        gt = s[np.arange(len(rows)), rows][:, None]
-        ranks[rows] = (s > gt).sum(1) + ((s == gt) & (cols[None] < rows[:, None])).sum(1)
-    return ranks
-
-
-def recalls(img: np.ndarray, text: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
+def recalls(img: np.ndarray, text: np.ndarray, ks: Sequence[int] = KS) -> dict:
     """{"i2t": {"R@k": %}, "t2i": {...}, "mean_recall": %, "n": N} of paired float64 features."""
     out: dict = {"n": len(img)}
     for name, (q, c) in {"i2t": (img, text), "t2i": (text, img)}.items():
-        r = gt_ranks(q, c)
-        out[name] = {f"R@{k}": float(100 * np.mean(r < k)) for k in ks}
+        m = recall_metrics(ranks(q, c), ks)
+        out[name] = {f"R@{k}": m[f"R@{k}"] for k in ks}
     out["mean_recall"] = float(np.mean([v for d in ("i2t", "t2i") for v in out[d].values()]))
     return out
 
@@ -69,7 +53,7 @@ def load_features(directory: Path) -> tuple[np.ndarray, np.ndarray]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m brivl_infer.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--features", required=True, help="directory with np_img.npy and np_text.npy")
-    ap.add_argument("--ks", type=positive_int, nargs="+", default=[1, 5, 10], help="recall cut-offs")
+    ap.add_argument("--ks", type=positive_int, nargs="+", default=list(KS), help="recall cut-offs")
     ap.add_argument("--json", help="also write the figures to this file")
     a = ap.parse_args(argv)
     img, text = load_features(Path(a.features))

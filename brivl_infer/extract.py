@@ -22,9 +22,9 @@ from brivl_infer.evaluate import IMG_FILE, TEXT_FILE
 from brivl_infer.load import load_brivl, read_config
 from brivl_infer.model import BriVLConfig
 from brivl_infer.preprocess import prepare_image
-from form_data.cli import ArgumentParser, UserError, non_negative_int, positive_int, run
-from form_data.fileio import StagedFiles, ensure_writable_dir, read_jsonl
-from form_data.inference import PRECISIONS
+from zh_t2i_base.cli import ArgumentParser, UserError, non_negative_int, positive_int, run
+from zh_t2i_base.fileio import StagedFiles, ensure_writable_dir, read_jsonl
+from zh_t2i_base.precision import PRECISIONS
 
 
 def read_samples(path: Path, text_key: str = "sur_text", image_root: Path | None = None

@@ -22,11 +22,12 @@ import torch
 import yaml
 from torch import Tensor
 
-from brivl_infer.model import BriVL, BriVLConfig
-from form_data.cli import UserError
-from form_data.device import resolve_device
-from form_data.inference import PRECISIONS
+from brivl_infer.encoder import BriVL
+from brivl_infer.model import BriVLConfig
 from form_data.tokenizer import ChineseTokenizer, load_tokenizer
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.device import resolve_device
+from zh_t2i_base.precision import PRECISIONS
 
 # config.json values of the published checkpoints (hidden dropout etc. do not matter at inference)
 _BASE = {"vocab_size": 21128, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -126,7 +127,8 @@ def resolve_encoder(encoder: str, cfg_dir: Path) -> tuple[dict, Path | None]:
     try:
         bert = json.loads(config.read_text(encoding="utf-8"))
     except OSError as e:
-        raise UserError(f"MODEL.ENCODER {encoder!r}: cannot read {config} ({e.strerror or e}); {ENCODER_HINT}") from None
+        raise UserError(f"MODEL.ENCODER {encoder!r}: cannot read {config} ({e.strerror or e}); "
+                        f"{ENCODER_HINT}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"MODEL.ENCODER {encoder!r}: {config} is not valid JSON ({e})") from None
     if not isinstance(bert, dict) or bert.get("model_type", "bert") != "bert":
@@ -225,7 +227,8 @@ def build_model(cfg: BriVLConfig, tokenizer: ChineseTokenizer | None = None, pre
 def load_brivl(cfg_path: str | os.PathLike, checkpoint_path: str | os.PathLike,
                tokenizer: ChineseTokenizer | None = None, device: str | torch.device | None = None,
                trust_checkpoint: bool = False, precision: str = "fp32") -> BriVL:
-    """:meth:`BriVL.from_config`: config + encoder files + tokenizer, then the strict checkpoint load, eval mode."""
+    """A BriVL ready for inference from an original-format yml: config + encoder files + tokenizer, then the strict
+    checkpoint load, eval mode, BatchNorms folded."""
     cfg_path = Path(cfg_path)
     cfg, _ = read_config(cfg_path)
     cfg.bert, vocab = resolve_encoder(cfg.encoder, cfg_path.parent)

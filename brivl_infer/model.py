@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
-
-from form_data.inference import PRECISIONS, autocast, fold_batchnorm
-from form_data.tokenizer import ChineseTokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -195,103 +190,30 @@ class TextEncoder(nn.Module):
 ImageInput = Image.Image | str | os.PathLike
 
 
-class BriVL(nn.Module):
-    """Both inference towers (state-dict keys ``imgencoder.*`` / ``textencoder.*`` as in ``checkpoint['learnable']``)
-    plus the preprocessing of the original, batched: ``encode_images``, ``encode_texts``, ``score``.
+class BriVLTowers(nn.Module):
+    """Both inference towers (state-dict keys ``imgencoder.*`` / ``textencoder.*`` as in ``checkpoint['learnable']``),
+    on preprocessed tensors (see :mod:`brivl_infer.preprocess`); :class:`brivl_infer.encoder.BriVL` adds the
+    preprocessing, batching, precision and scoring."""
 
-    ``precision`` "fp16"/"bf16" runs the towers under autocast (meant for CUDA); embeddings come back float32.
-    """
-
-    def __init__(self, cfg: BriVLConfig, tokenizer: ChineseTokenizer | None = None, precision: str = "fp32"):
+    def __init__(self, cfg: BriVLConfig):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.config = cfg
         self.imgencoder = ImageEncoder(cfg)
         self.textencoder = TextEncoder(cfg)
-        self.tokenizer = tokenizer
-        self.precision = precision
-        self.folded = False
-
-    @classmethod
-    def from_config(cls, cfg_path: str | os.PathLike, checkpoint_path: str | os.PathLike,
-                    tokenizer: ChineseTokenizer | None = None, device: str | torch.device | None = None,
-                    trust_checkpoint: bool = False, precision: str = "fp32") -> BriVL:
-        """Build from an original-format yml and load ``checkpoint_path`` strictly (see :mod:`brivl_infer.load`)."""
-        from brivl_infer.load import load_brivl
-
-        return load_brivl(cfg_path, checkpoint_path, tokenizer=tokenizer, device=device,
-                          trust_checkpoint=trust_checkpoint, precision=precision)
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def fold_batchnorm(self) -> BriVL:
-        """Fold the CNN's BatchNorms into its convs (inference only; call after the weights are loaded): about 1.3x
-        faster image embeddings on CPU, equal to ~1e-6. :func:`load_brivl` does it."""
-        x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-        before = self.imgencoder.backbone
-        self.imgencoder.backbone = fold_batchnorm(before, lambda m: m.forward_features(x))
-        self.folded = self.imgencoder.backbone is not before
-        return self
-
-    def _autocast(self):
-        return autocast(self.device, self.precision)
-
     def image_features(self, images: Tensor, boxes: Tensor, mask: Tensor) -> Tensor:
-        """L2-normalised image embeddings [B, D] of preprocessed tensors (see :mod:`brivl_infer.preprocess`)."""
-        with self._autocast():
-            x = self.imgencoder(images, boxes, mask)
-        return F.normalize(x.float(), p=2, dim=-1)
+        """L2-normalised image embeddings [B, D] of preprocessed tensors."""
+        return F.normalize(self.imgencoder(images, boxes, mask).float(), p=2, dim=-1)
 
     def text_features(self, ids: Tensor, mask: Tensor) -> Tensor:
         """L2-normalised text embeddings [B, D] of token ids and their validity mask."""
-        with self._autocast():
-            x = self.textencoder(ids, mask)
-        return F.normalize(x.float(), p=2, dim=-1)
+        return F.normalize(self.textencoder(ids, mask).float(), p=2, dim=-1)
 
     def forward(self, images: Tensor, boxes: Tensor, img_mask: Tensor, ids: Tensor, text_mask: Tensor
                 ) -> tuple[Tensor, Tensor]:
         """The original ``extract``: (image embeddings, text embeddings) of a paired batch."""
         return self.image_features(images, boxes, img_mask), self.text_features(ids, text_mask)
-
-    @torch.inference_mode()
-    def encode_images(self, images: Sequence[ImageInput], boxes: Sequence[np.ndarray | None] | None = None,
-                      batch_size: int = 32) -> Tensor:
-        """Embeddings [N, D] (float32, unit rows, on the model's device) of PIL images or image paths.
-
-        ``boxes[i]``: detector boxes [K, 4] (x1, y1, x2, y2) in image i's pixels, or None; without boxes each image
-        is its whole-image box alone.
-        """
-        from brivl_infer.preprocess import prepare_images
-
-        if boxes is not None and len(boxes) != len(images):
-            raise ValueError(f"got {len(boxes)} box arrays for {len(images)} images")
-        out = []
-        for start in range(0, len(images), batch_size):
-            stop = start + batch_size
-            x, b, m = prepare_images(images[start:stop], None if boxes is None else boxes[start:stop], self.config)
-            out.append(self.image_features(x.to(self.device), b.to(self.device), m.to(self.device)))
-        return torch.cat(out) if out else torch.zeros(0, self.config.img_feature_dim, device=self.device)
-
-    @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 32) -> Tensor:
-        """Embeddings [N, D] (float32, unit rows, on the model's device) of texts, cut to MODEL.MAX_TEXT_LEN tokens."""
-        from brivl_infer.preprocess import prepare_texts
-
-        if self.tokenizer is None:
-            raise ValueError("this BriVL has no tokenizer; pass one to BriVL(...) or from_config")
-        out = []
-        for start in range(0, len(texts), batch_size):
-            ids, m = prepare_texts(self.tokenizer, texts[start:start + batch_size], self.config.max_text_len)
-            out.append(self.text_features(ids.to(self.device), m.to(self.device)))
-        return torch.cat(out) if out else torch.zeros(0, self.config.img_feature_dim, device=self.device)
-
-    def score(self, text: str, images: Sequence[ImageInput], boxes: Sequence[np.ndarray | None] | None = None,
-              batch_size: int = 32) -> np.ndarray:
-        """Cosine similarity of ``text`` (encoded once) with each image: float32 [N], higher = better."""
-        t = self.encode_texts([text])
-        v = self.encode_images(images, boxes, batch_size=batch_size)
-        return (v @ t[0]).float().cpu().numpy()

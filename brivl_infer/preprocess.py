@@ -18,8 +18,8 @@ from PIL import Image, ImageFile
 from torch import Tensor
 
 from brivl_infer.model import IMAGENET_MEAN, IMAGENET_STD, BriVLConfig, ImageInput
-from form_data.cli import UserError
 from form_data.tokenizer import ChineseTokenizer
+from zh_t2i_base.cli import UserError
 
 
 def open_image(src: ImageInput) -> Image.Image:
@@ -79,7 +79,7 @@ def prepare_images(images: Sequence[ImageInput], boxes: Sequence | None, cfg: Br
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Stacked :func:`prepare_image` of a batch (``boxes`` None: whole-image box only)."""
     items = [prepare_image(img, None if boxes is None else boxes[i], cfg) for i, img in enumerate(images)]
-    x, b, m = zip(*items)
+    x, b, m = zip(*items, strict=True)
     return torch.stack(x), torch.stack(b), torch.stack(m)
 
 

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 
 from clip_train.train import ClipConfig
-from form_data.cli import ArgumentParser, non_negative_int, positive_int, run
 from train_runtime import RuntimeConfig
 from train_runtime.config import add_dataclass_args, parse_configs
+from zh_t2i_base.cli import ArgumentParser, non_negative_int, positive_int, run
 
 RUNTIME_DEFAULTS = {"lr": 5e-4, "weight_decay": 0.1, "beta2": 0.98, "batch_size": 64, "max_steps": 1000,
                     "warmup_steps": 100, "save_every": 500, "out_dir": "runs/clip"}
@@ -34,7 +34,8 @@ def eval_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m clip_train eval",
                        description="Val loss, image<->text R@1/5/10, mean recall and ranks of a CLIP checkpoint "
                                    "(attribute-level recall with --attributes, zero-shot with --zeroshot-labels).")
-    p.add_argument("--checkpoint", required=True, help="run dir / ckpt-*.pt / model.safetensors of python -m clip_train")
+    p.add_argument("--checkpoint", required=True,
+                   help="run dir / ckpt-*.pt / model.safetensors of python -m clip_train")
     p.add_argument("--data", required=True, help="split to evaluate (CSV / JSONL / image folder)")
     p.add_argument("--attributes", default="", help="the synthetic set's attributes.jsonl")
     p.add_argument("--zeroshot-labels", default="", help="file of Chinese labels, one a line")

@@ -8,8 +8,7 @@ Conventions (all recalls in %):
 * attribute-level (when attributes are given): a retrieved item counts as correct when the caption's stated
   attributes all hold for the image (see :func:`attribute_matches`); a query is a hit at K when any correct item is
   in its top K (the multi-positive convention of Chinese-CLIP's evaluation);
-* ``*_mean_recall`` = (R@1 + R@5 + R@10) / 3 per direction, as Chinese-CLIP reports it;
-* ranks are 1-based: ``*_median_rank`` = floor(median(rank0)) + 1 as open_clip; ``*_mean_rank`` = mean + 1.
+* ``*_mean_recall``, ``*_median_rank``, ``*_mean_rank`` and how ties rank: :mod:`zh_t2i_base.retrieval`.
 """
 
 from __future__ import annotations
@@ -26,13 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from clip_train.model import normalize
-from form_data.cli import UserError
 from form_data.datasets import collate, default_transform, open_dataset
-from form_data.fileio import read_jsonl, write_json
 from form_data.synth import parse_caption
 from form_data.tokenizer import ChineseTokenizer
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import read_jsonl, write_json
+from zh_t2i_base.retrieval import KS, ranks, recall_metrics
 
-KS = (1, 5, 10)
 SYNTH_KEYS = ("colour", "shape", "size", "background")
 
 
@@ -54,20 +53,8 @@ def open_pairs(path: str, image_size: int, img_key: str = "filepath", caption_ke
                         image_size=image_size, **kw)
 
 
-def first_positive_ranks(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each query's best-scored positive in its row of ``sim`` [Q, N] (N if it has none)."""
-    best = sim.masked_fill(~positive, float("-inf")).max(dim=1).values
-    ranks = (sim > best[:, None]).sum(dim=1)
-    return torch.where(positive.any(dim=1), ranks, torch.full_like(ranks, sim.shape[1]))
-
-
-def _direction(prefix: str, ranks: torch.Tensor) -> dict[str, float]:
-    r = ranks.double().cpu().numpy()
-    out = {f"{prefix}_R@{k}": float((r < k).mean() * 100) for k in KS}
-    out[f"{prefix}_mean_recall"] = float(np.mean([out[f"{prefix}_R@{k}"] for k in KS]))
-    out[f"{prefix}_median_rank"] = float(np.floor(np.median(r)) + 1)
-    out[f"{prefix}_mean_rank"] = float(r.mean() + 1)
-    return out
+def _direction(prefix: str, rank: np.ndarray) -> dict[str, float]:
+    return {f"{prefix}_{k}": v for k, v in recall_metrics(rank, KS).items()}
 
 
 def attribute_matches(image_attrs: Sequence[Mapping], text_attrs: Sequence[Mapping]) -> torch.Tensor:
@@ -98,19 +85,18 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     """
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(f"{image_features.shape[0]} images but {text_features.shape[0]} captions")
-    sim = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
-    n = sim.shape[0]
-    diag = torch.eye(n, dtype=torch.bool)
-    out = {**_direction("i2t", first_positive_ranks(sim, diag)), **_direction("t2i", first_positive_ranks(sim.T, diag))}
+    img = F.normalize(image_features.float(), dim=-1).cpu().numpy()
+    txt = F.normalize(text_features.float(), dim=-1).cpu().numpy()
+    n = len(img)
+    out = {**_direction("i2t", ranks(img, txt)), **_direction("t2i", ranks(txt, img))}
     if image_attrs is not None or text_attrs is not None:
         image_attrs = image_attrs if image_attrs is not None else text_attrs
         text_attrs = text_attrs if text_attrs is not None else image_attrs
         if len(image_attrs) != n or len(text_attrs) != n:
             raise ValueError(f"attributes for {len(image_attrs)} images / {len(text_attrs)} captions, features for {n}")
-        match = attribute_matches(image_attrs, text_attrs)
-        for prefix, ranks in (("i2t_attr", first_positive_ranks(sim, match)),
-                              ("t2i_attr", first_positive_ranks(sim.T, match.T))):
-            out.update(_direction(prefix, ranks))
+        match = attribute_matches(image_attrs, text_attrs).numpy()
+        out.update(_direction("i2t_attr", ranks(img, txt, match)))
+        out.update(_direction("t2i_attr", ranks(txt, img, match.T)))
     return out
 
 
@@ -206,7 +192,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, attributes: str = "", labels
                         workers: int = 2, device: str = "auto", out: str = "") -> dict[str, float]:
     """:func:`evaluate` for a checkpoint of ``python -m clip_train`` on a split (``python -m clip_train eval``)."""
     from clip_train.load import load_clip
-    from train_runtime.distributed import resolve_device
+    from zh_t2i_base.device import resolve_device
 
     if "{}" not in template:
         raise UserError(f"--zeroshot-template must contain {{}} where the label goes, got {template!r}")

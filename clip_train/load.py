@@ -18,9 +18,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from clip_train.model import create, image_size_of, register
-from form_data.cli import UserError
 from form_data.tokenizer import ChineseTokenizer
-from train_runtime import checkpoint as ckpt
+from zh_t2i_base import checkpoint as ckpt
+from zh_t2i_base.cli import UserError, user_errors
 
 
 @dataclass
@@ -41,6 +41,20 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return state, meta
 
 
+def check_tokenizer(model: nn.Module, tokenizer: ChineseTokenizer, context_length: int) -> None:
+    """An HF text tower must fit the tokenizer: ids inside its embedding table, the pad id it masks, the length."""
+    hf_config = getattr(getattr(model, "text", None), "config", None)
+    if hf_config is not None:
+        if context_length > hf_config.max_position_embeddings:
+            raise UserError(f"--context-length {context_length} exceeds the text model's max_position_embeddings "
+                            f"{hf_config.max_position_embeddings}")
+        if tokenizer.vocab_size > hf_config.vocab_size:
+            raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the text model only {hf_config.vocab_size}")
+        if hf_config.pad_token_id != tokenizer.pad_id:
+            raise UserError(f"tokenizer [PAD] id {tokenizer.pad_id} differs from the text model's pad_token_id "
+                            f"{hf_config.pad_token_id}")
+
+
 def tokenizer_from_meta(meta: dict) -> ChineseTokenizer:
     return ChineseTokenizer(Tokenizer.from_str(meta["tokenizer"]), "checkpoint tokenizer")
 
@@ -49,7 +63,8 @@ def register_checkpoint(path: str | os.PathLike) -> str:
     """Register the checkpoint's config with open_clip and return its name, so that
     ``open_clip.create_model_and_transforms(name, pretrained=".../model.safetensors")`` rebuilds it."""
     _, meta = read(path)
-    register(meta["name"], meta["model_cfg"])
+    with user_errors(ValueError):
+        register(meta["name"], meta["model_cfg"])
     return meta["name"]
 
 
@@ -61,8 +76,9 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu") -> Lo
         if meta.get("hf_config"):  # the HF tower is rebuilt from its stored config, not the original directory
             Path(tmp, "config.json").write_text(json.dumps(meta["hf_config"]), encoding="utf-8")
             cfg["text_cfg"]["hf_model_name"] = tmp
-        model = create(meta["name"], cfg, pretrained_text=False)
-    register(meta["name"], meta["model_cfg"])  # leave open_clip's registry pointing at the original config
+        with user_errors(ValueError):
+            model = create(meta["name"], cfg, pretrained_text=False)
+            register(meta["name"], meta["model_cfg"])  # leave open_clip's registry pointing at the original config
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

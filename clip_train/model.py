@@ -9,7 +9,8 @@ config (ours below, or any of open_clip's built-ins: RN50, ViT-B-32, ViT-B-16, .
   bias-free linear projection, as Chinese-CLIP does.
 
 :func:`register` makes a config known to ``open_clip.create_model*`` by name, so a trained checkpoint loads back with
-``open_clip.create_model_and_transforms(name, pretrained="RUN/model.safetensors")``. No file or network I/O here.
+``open_clip.create_model_and_transforms(name, pretrained="RUN/model.safetensors")``. No file or network I/O here; bad
+input is a ValueError.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ import open_clip
 import torch
 from open_clip import factory as open_clip_factory
 from torch import nn
-
-from form_data.cli import UserError
-from form_data.tokenizer import ChineseTokenizer
 
 # Our named configs (open_clip schema). The text tower's vocab_size / pad_id / eos_id are filled in from the tokenizer.
 TINY_CONFIGS: dict[str, dict] = {
@@ -41,21 +39,22 @@ DEFAULT_CONTEXT_LENGTH = 52  # Chinese-CLIP's, for towers whose config does not 
 
 
 def base_config(name: str) -> dict:
-    """A copy of the named config: ours first, then open_clip's built-ins; UserError listing the choices if unknown."""
+    """A copy of the named config: ours first, then open_clip's built-ins; ValueError listing the choices if unknown."""
     if name in TINY_CONFIGS:
         return copy.deepcopy(TINY_CONFIGS[name])
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise UserError(f"unknown --model {name!r}; choose one of {', '.join(TINY_CONFIGS)}, RN50, ViT-B-32, "
+        raise ValueError(f"unknown --model {name!r}; choose one of {', '.join(TINY_CONFIGS)}, RN50, ViT-B-32, "
                         f"ViT-B-16 or another open_clip config name")
     if "timm_model_name" in cfg.get("vision_cfg", {}) or "multimodal_cfg" in cfg:
-        raise UserError(f"--model {name}: only open_clip's own ResNet / ViT image towers are supported here")
+        raise ValueError(f"--model {name}: only open_clip's own ResNet / ViT image towers are supported here")
     return cfg
 
 
-def build_config(name: str, tokenizer: ChineseTokenizer, context_length: int = 0, image_size: int = 0,
+def build_config(name: str, tokenizer, context_length: int = 0, image_size: int = 0,
                  text_model: str = "") -> dict:
-    """The full open_clip config: the image tower of ``name`` + a Chinese text tower (see the module docstring).
+    """The full open_clip config: the image tower of ``name`` + a Chinese text tower (see the module docstring);
+    ``tokenizer`` gives the text tower its ``vocab_size``, ``pad_id`` and ``sep_id`` (a ``form_data`` ChineseTokenizer).
 
     ``text_model`` is a local HF model directory for an HF tower, else open_clip's text transformer is used with the
     width/heads/layers of ``name``'s text config. ``context_length`` / ``image_size`` of 0 keep the config's.
@@ -68,11 +67,11 @@ def build_config(name: str, tokenizer: ChineseTokenizer, context_length: int = 0
     step = 32 if isinstance(vision.get("layers"), (list, tuple)) else vision.get("patch_size", 16)
     if not isinstance(size, int) or size < step or size % step:
         tower = "a ResNet tower downsamples 32x" if step == 32 else f"the ViT patch size is {step}"
-        raise UserError(f"--image-size {size} does not fit --model {name}: {tower}, so use a multiple of {step}")
+        raise ValueError(f"--image-size {size} does not fit --model {name}: {tower}, so use a multiple of {step}")
     base_text = cfg.get("text_cfg", {})
     length = context_length or (base_text.get("context_length") if name in TINY_CONFIGS else DEFAULT_CONTEXT_LENGTH)
     if length < 3:
-        raise UserError(f"--context-length must be >= 3 ([CLS] text [SEP]), got {length}")
+        raise ValueError(f"--context-length must be >= 3 ([CLS] text [SEP]), got {length}")
     if text_model:
         cfg["text_cfg"] = {"hf_model_name": text_model, "context_length": length,
                            "hf_pooler_type": "cls_last_hidden_state_pooler", "hf_proj_type": "linear"}
@@ -96,7 +95,7 @@ def register(name: str, cfg: dict) -> None:
     ``add_model_config``; entries put in directly survive its rescans.
     """
     if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-        raise UserError(f"not an open_clip model config (needs embed_dim, vision_cfg, text_cfg): {sorted(cfg)}")
+        raise ValueError(f"not an open_clip model config (needs embed_dim, vision_cfg, text_cfg): {sorted(cfg)}")
     open_clip_factory._MODEL_CONFIGS[name] = copy.deepcopy(cfg)
 
 
@@ -126,21 +125,7 @@ def create(name: str, cfg: dict, pretrained_text: bool = True) -> nn.Module:
             return open_clip.create_model(name, pretrained_text=pretrained_text)
     except (OSError, ValueError) as e:  # transformers: a missing / malformed local model directory
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot build model {name}: {first}") from None
-
-
-def check_tokenizer(model: nn.Module, tokenizer: ChineseTokenizer, context_length: int) -> None:
-    """An HF text tower must fit the tokenizer: ids inside its embedding table, the pad id it masks, the length."""
-    hf_config = getattr(getattr(model, "text", None), "config", None)
-    if hf_config is not None:
-        if context_length > hf_config.max_position_embeddings:
-            raise UserError(f"--context-length {context_length} exceeds the text model's max_position_embeddings "
-                            f"{hf_config.max_position_embeddings}")
-        if tokenizer.vocab_size > hf_config.vocab_size:
-            raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the text model only {hf_config.vocab_size}")
-        if hf_config.pad_token_id != tokenizer.pad_id:
-            raise UserError(f"tokenizer [PAD] id {tokenizer.pad_id} differs from the text model's pad_token_id "
-                            f"{hf_config.pad_token_id}")
+        raise ValueError(f"cannot build model {name}: {first}") from None
 
 
 def normalize(model: nn.Module, images01: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clip_train.eval import evaluate, open_pairs, read_labels, synthetic_attributes
-from clip_train.model import build_config, check_tokenizer, create, image_size_of, normalize, open_clip_name
-from form_data.cli import UserError
+from clip_train.load import check_tokenizer
+from clip_train.model import build_config, create, image_size_of, normalize, open_clip_name
 from form_data.datasets import collate
-from form_data.fileio import ensure_writable_dir, write_json
 from form_data.tokenizer import ChineseTokenizer, load_tokenizer
 from train_runtime import RuntimeConfig, Task, Trainer
 from train_runtime.config import to_dict
+from zh_t2i_base.cli import UserError, user_errors
+from zh_t2i_base.fileio import ensure_writable_dir, write_json
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature to <= 100 after every step
 
@@ -156,9 +157,10 @@ def epoch_schedule(cc: ClipConfig, rc: RuntimeConfig, n_samples: int, world_size
 def build(cc: ClipConfig) -> tuple[nn.Module, ChineseTokenizer, dict]:
     """Model (random init; an HF tower with its local weights), tokenizer and the checkpoint meta."""
     tokenizer = tokenizer_for(cc)
-    cfg = build_config(cc.model, tokenizer, cc.context_length, cc.image_size, cc.text_model)
     name = open_clip_name(cc.model, cc.text_model)
-    model = create(name, cfg, pretrained_text=True)
+    with user_errors(ValueError):
+        cfg = build_config(cc.model, tokenizer, cc.context_length, cc.image_size, cc.text_model)
+        model = create(name, cfg, pretrained_text=True)
     context_length = cfg["text_cfg"]["context_length"]
     check_tokenizer(model, tokenizer, context_length)
     if cc.grad_checkpointing:

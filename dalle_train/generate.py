@@ -16,13 +16,12 @@ from PIL import Image
 
 from dalle_train.model import DALLE, DALLEConfig
 from dalle_train.sample import sample_tokens, top_k_count
-from dalle_train.train import vocab_digest
-from form_data.cli import UserError
-from form_data.fileio import StagedFiles, ensure_writable_dir, write_json
-from form_data.tokenizer import ChineseTokenizer, load_tokenizer, tokenizer_from_tokens
-from train_runtime import checkpoint as ckpt
-from train_runtime.distributed import resolve_device
-from train_runtime.trainer import save_image_grid
+from form_data.tokenizer import ChineseTokenizer, load_tokenizer, tokenizer_from_tokens, vocab_digest
+from zh_t2i_base import checkpoint as ckpt
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.device import resolve_device
+from zh_t2i_base.fileio import StagedFiles, ensure_writable_dir, write_json
+from zh_t2i_base.images import save_image_grid, to_pil
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, Path]:
@@ -94,8 +93,7 @@ class Generation:
     truncated: bool
 
     def pil(self) -> list[Image.Image]:
-        arr = (self.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
+        return to_pil(self.images)
 
 
 def generate(bundle: DalleBundle, text: str, n: int, *, seed: int = 0, batch_size: int = 32, top_k: int | None = None,

@@ -242,13 +242,14 @@ class DALLE(nn.Module):
 
     def _run_cached(self, x: Tensor, cache: KVCache) -> Tensor:
         start = cache.length
-        for block, kv in zip(self.blocks, cache.layers):
+        for block, kv in zip(self.blocks, cache.layers, strict=True):
             x = block(x, kv, start)
         cache.length = start + x.shape[1]
         return self.norm_out(x[:, -1])
 
     def prefill(self, text: Tensor, cache: KVCache) -> Tensor:
-        """Run BOS + text once into an empty cache; returns the logits of the first image token [B, num_image_tokens]."""
+        """Run BOS + text once into an empty cache; returns the logits of the first image token
+        [B, num_image_tokens]."""
         self._check_text(text)
         if cache.length:
             raise ValueError("prefill needs an empty cache")

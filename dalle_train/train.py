@@ -10,7 +10,6 @@ image tokenizer (path, yaml, kind, sizes), so ``dalle_gen.py`` needs only the ch
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,12 +21,12 @@ from torch.utils.data import Dataset
 
 from dalle_train.model import DALLE, DALLEConfig
 from dalle_train.sample import sample_tokens
-from form_data.cli import UserError
 from form_data.datasets import collate, default_transform, open_dataset
-from form_data.tokenizer import ChineseTokenizer, load_tokenizer
+from form_data.tokenizer import ChineseTokenizer, load_tokenizer, vocab_digest
 from train_runtime import RuntimeConfig, Task, Trainer
 from train_runtime.config import to_dict
-from train_runtime.trainer import save_image_grid
+from zh_t2i_base.cli import UserError, user_errors
+from zh_t2i_base.images import save_image_grid
 
 
 @dataclass
@@ -55,10 +54,6 @@ class DALLETrainConfig:
     sample_top_k: int = 0  # 0 = filter_thres 0.9 of the image vocabulary
 
 
-def vocab_digest(tokens: list[str]) -> str:
-    return hashlib.sha1("\n".join(tokens).encode("utf-8")).hexdigest()
-
-
 def text_tokenizer_meta(tok: ChineseTokenizer) -> dict:
     tokens = tok.vocab_tokens()
     return {"source": tok.source, "vocab_size": tok.vocab_size, "sha1": vocab_digest(tokens), "vocab": tokens}
@@ -77,7 +72,7 @@ class TokenDataset(Dataset):
     """A token file: (caption ids, image token ids) pairs, everything in memory."""
 
     def __init__(self, path: str | os.PathLike, tok: ChineseTokenizer, text_seq_len: int):
-        from train_runtime.checkpoint import load
+        from zh_t2i_base.checkpoint import load
 
         data = load(path)
         if not {"tokens", "captions", "tokenizer"} <= set(data):
@@ -123,7 +118,8 @@ class DALLETask(Task):
             text, image = batch["text"], batch["image_tokens"]
         else:  # an image split: encode with the frozen tokenizer (no gradients, eval semantics)
             text = encode_captions(self.tok, list(batch["caption"]), self.dc.text_seq_len, "batch").to(self.env.device)
-            image = self._image_tokenizer().encode(batch["image"]).long()
+            with user_errors(ValueError):  # e.g. a Styled-VQ without its codebook yet
+                image = self._image_tokenizer().encode(batch["image"]).long()
         loss, logs = self.ddp["dalle"](text, image, self.dc.null_cond_prob)
         return {"dalle": loss}, logs
 

@@ -1,6 +1,2 @@
-"""Everything about data: Wukong-style cleaning, download, exports, datasets, the Chinese text tokenizer and the
-embedded synthetic data set. Imports nothing else of this project; every other package may import it."""
-
-__all__ = ["UserError"]
-
-from form_data.cli import UserError
+"""Data only: Wukong-style cleaning, download, exports, datasets (and their decoded-image cache), the Chinese text
+tokenizer and its vocab digest, and the embedded synthetic set. Imports only :mod:`zh_t2i_base`."""

@@ -13,8 +13,9 @@ and split train/val.
 
 Speed: rules 1-3 are vectorised Arrow compute kernels (RE2) over whole record batches; rule 4 runs ONE multi-pattern
 scan (Hyperscan, or Aho-Corasick in Rust) over the UTF-8 buffer of a batch's surviving captions, so Python work grows
-with the number of keyword hits, never with rows x keywords. The character classes are generated from Python's own ``str.isdecimal``/``str.isspace``,
-so the result is identical to the plain per-row Python rules (``row_verdict`` below, also the benchmark baseline).
+with the number of keyword hits, never with rows x keywords. The character classes are generated from Python's own
+``str.isdecimal``/``str.isspace``, so the result is identical to the plain per-row Python rules (``row_verdict``
+below, also the benchmark baseline).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from form_data.cli import UserError
-from form_data.fileio import StagedFiles, ensure_writable_dir, utf8_error, write_json
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import StagedFiles, ensure_writable_dir, utf8_error, write_json
 
 MAX_CAPTION_LEN = 32
 MAX_PIECE_LEN = 18
@@ -414,7 +415,7 @@ def clean(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, keywo
                 idx = pa.array(np.flatnonzero(mask))
                 kept_u = pc.fill_null(urls, "").take(idx).to_pylist()
                 kept_c = pc.fill_null(caps, "").take(idx).to_pylist()
-                for u, c in zip(kept_u, kept_c):
+                for u, c in zip(kept_u, kept_c, strict=True):
                     if (u, c) in seen_pairs:
                         report.dup_url_caption += 1
                     elif u in seen_urls:

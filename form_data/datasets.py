@@ -10,7 +10,8 @@ Formats (every image path inside a listing is resolved relative to the directory
 - :class:`JsonlImageText`    - DALLE JSONL ``{"image_path", "sentences"}`` or BriVL JSONL ``{"image_id", "sentences":
   [["sur_text", caption], ...]}``, told apart by their keys;
 - :class:`ImageFolderDataset` - every image under a folder, caption from a sibling ``<stem>.txt`` (else ``""``);
-- :class:`WebDatasetShards`  - webdataset tar shards (``KEY.jpg`` + ``KEY.txt`` [+ ``KEY.json``]), read with ``tarfile``.
+- :class:`WebDatasetShards`  - webdataset tar shards (``KEY.jpg`` + ``KEY.txt`` [+ ``KEY.json``]), read with
+  ``tarfile``.
 
 :func:`open_dataset` picks the class from a path.
 
@@ -47,8 +48,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from form_data.cli import UserError
-from form_data.fileio import read_jsonl, utf8_error
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import read_jsonl, utf8_error
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -181,8 +182,8 @@ def default_transform(image_size: int, random_crop: bool = False) -> Transform:
     """PIL RGB image -> FloatTensor[3, image_size, image_size] in [0, 1].
 
     Default: :class:`ResizeCenterCrop` (shorter side to ``image_size``, bicubic, antialiased, then the centre crop).
-    With ``random_crop``: ``RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(1, 1))`` on the decoded image, as the
-    seed's DALLE training did (it crops the full-resolution image, so the crop is resampled only once).
+    With ``random_crop``: ``RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(1, 1))`` on the decoded image, as
+    the seed's DALLE training did (it crops the full-resolution image, so the crop is resampled only once).
     """
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
         raise UserError(f"image_size must be a positive integer, got {image_size!r}")
@@ -355,7 +356,7 @@ class ImageCache:
 
     @classmethod
     def open(cls, ds: _ListedImages, transform: ResizeCenterCrop) -> ImageCache:
-        from form_data.fileio import atomic_path
+        from zh_t2i_base.fileio import atomic_path
 
         size = transform.size
         src = Path(ds.source)
@@ -461,7 +462,8 @@ def _brivl_text(sentences: object) -> str:
 class JsonlImageText(_ListedImages):
     """DALLE JSONL (``image_path`` + ``sentences``) or BriVL JSONL (``image_id`` + ``sentences``), auto-detected."""
 
-    LAYOUTS: ClassVar[dict[str, tuple[str, Callable[[object], str]]]] = {"image_path": ("dalle", _first_text), "image_id": ("brivl", _brivl_text)}
+    LAYOUTS: ClassVar[dict[str, tuple[str, Callable[[object], str]]]] = {
+        "image_path": ("dalle", _first_text), "image_id": ("brivl", _brivl_text)}
 
     def __init__(self, path: str | os.PathLike, transform: Transform | None = None, image_size: int = 256,
                  cache: bool = True):
@@ -597,9 +599,9 @@ class WebDatasetShards(IterableDataset):
     worker (the count of trailing broken samples of a worker is lost, there is no sample left to carry it).
     """
 
-    def __init__(self, urls_or_glob: str | os.PathLike | Sequence[str | os.PathLike], transform: Transform | None = None,
-                 image_size: int = 256, shuffle_shards: bool = False, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None):
+    def __init__(self, urls_or_glob: str | os.PathLike | Sequence[str | os.PathLike],
+                 transform: Transform | None = None, image_size: int = 256, shuffle_shards: bool = False,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None):
         self.shards = expand_shards(urls_or_glob)
         self.transform = transform if transform is not None else default_transform(image_size)
         self.shuffle_shards = shuffle_shards

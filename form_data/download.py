@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from form_data.clean import read_split
-from form_data.cli import UserError
-from form_data.fileio import ensure_writable_dir, write_json
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import ensure_writable_dir, write_json
 
 MAX_SIDE = 512
 MAX_ASPECT = 3.0

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from form_data.cli import UserError
-from form_data.fileio import StagedFiles, ensure_writable_dir, read_jsonl, write_json, write_jsonl
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import StagedFiles, ensure_writable_dir, read_jsonl, write_json, write_jsonl
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -82,7 +82,8 @@ def export(root: str | os.PathLike, out: str | os.PathLike | None = None, splits
     attr_rows: list[dict] = []
     with StagedFiles() as staged:
         for split in present:
-            samples = list(tqdm(iter_downloaded(root / split), desc=f"export {split}", unit="img", disable=not progress))
+            samples = list(tqdm(iter_downloaded(root / split), desc=f"export {split}", unit="img",
+                                disable=not progress))
             counts[split] = len(samples)
 
             def rel(p: Path) -> str:
@@ -92,7 +93,8 @@ def export(root: str | os.PathLike, out: str | os.PathLike | None = None, splits
                 f.write("title\tfilepath\n")
                 f.writelines(f"{s.caption}\t{rel(s.image)}\n" for s in samples)
             with open(staged.path(out_dir / f"{split}_dalle.jsonl"), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps({"image_path": rel(s.image), "sentences": s.caption}, ensure_ascii=False) + "\n" for s in samples)
+                f.writelines(json.dumps({"image_path": rel(s.image), "sentences": s.caption}, ensure_ascii=False)
+                             + "\n" for s in samples)
             with open(staged.path(out_dir / f"{split}_brivl.jsonl"), "w", encoding="utf-8") as f:
                 for s in samples:
                     row = {"image_id": rel(s.image), "sentences": [["sur_text", s.caption]], "bbox": []}

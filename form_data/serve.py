@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typing_extensions import Self
 
-from form_data.cli import UserError
+from zh_t2i_base.cli import UserError
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from form_data.cli import UserError
-from form_data.fileio import ensure_writable_dir, write_json, write_jsonl
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import ensure_writable_dir, write_json, write_jsonl
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "红": (220, 35, 35),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import importlib.util
 import io
 import json
@@ -33,8 +34,8 @@ from typing import TYPE_CHECKING, Literal, overload
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from form_data.cli import UserError
-from form_data.fileio import atomic_write, ensure_writable_dir, utf8_error
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import atomic_write, ensure_writable_dir, utf8_error
 
 if TYPE_CHECKING:
     import torch
@@ -219,6 +220,11 @@ class ChineseTokenizer:
         with atomic_write(path) as f:
             f.writelines(f"{tok}\n" for tok in self.vocab_tokens())
         return path
+
+
+def vocab_digest(tokens: list[str]) -> str:
+    """SHA-1 of a vocabulary (``ChineseTokenizer.vocab_tokens()``): a checkpoint stores it to recognise its vocab."""
+    return hashlib.sha1("\n".join(tokens).encode("utf-8")).hexdigest()
 
 
 def tokenizer_from_tokens(tokens: Sequence[str], source: str) -> ChineseTokenizer:

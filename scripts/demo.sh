@@ -52,7 +52,7 @@ mark() {
 }
 
 # --- where it runs: one second of calibration (device, CPU capability, fp32 matmul GFLOP/s at the threads used) ---
-$PY -m form_data calibrate --out "$RUN/calibration.json"
+$PY -m zh_t2i_demo calibrate --out "$RUN/calibration.json"
 
 # --- data ------------------------------------------------------------------------------------------------------------
 PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -110,7 +110,7 @@ if ! done_mark vae; then
 fi
 if ! done_mark judge; then
   begin judge
-  step $PY -m form_data judge train --data "$RUN/data/train_clip.csv" --out "$RUN/judge" --image-size $IMG \
+  step $PY -m zh_t2i_demo judge train --data "$RUN/data/train_clip.csv" --out "$RUN/judge" --image-size $IMG \
     "${JUDGE_ARGS[@]}"
   step $PY -m vae_train eval --tokenizer "$RUN/vae" --data "$RUN/judge/calib.csv" --max-images 100000 \
     --save-recon "$RUN/judge/recon" --out "$RUN/judge/recon_eval.json"
@@ -155,11 +155,11 @@ if ! done_mark generate; then
   mark generate compute
 fi
 begin report
-step $PY -m form_data report "$RUN" --top-k $TOP_K --group-size $GROUP
+step $PY -m zh_t2i_demo report "$RUN" --top-k $TOP_K --group-size $GROUP
 printf 'report\t%s\tcompute\n' "$(since "$t")" >> "$RUN/timings.tsv"
 unset ZH_T2I_STARTUP_LOG  # the table below is not part of any step
 echo; echo "== per-step wall time (s) =="
-$PY -m form_data steps "$RUN"
+$PY -m zh_t2i_demo steps "$RUN"
 
 cat <<DONE
 

@@ -18,9 +18,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from form_data.cli import ArgumentParser, UserError, int_at_least, non_negative_int, positive_int, run
 from train_runtime import RuntimeConfig
 from train_runtime.config import add_dataclass_args, load_config_file, parse_configs
+from zh_t2i_base.cli import ArgumentParser, UserError, int_at_least, non_negative_int, positive_int, run
 
 RUNTIME_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.2, "beta2": 0.98, "grad_clip": 1.0, "batch_size": 64,
                     "max_steps": 10_000, "warmup_steps": 500, "save_every": 1000, "out_dir": "runs/styled_vq"}
@@ -28,8 +28,8 @@ COMMANDS = ("dump", "kmeans", "attach", "analyze", "convert")
 
 
 def train_parser() -> ArgumentParser:
-    from styled_vq.model import StyledVQConfig
     from styled_vq.train import SVQTrainConfig
+    from vae_train.styled import StyledVQConfig
 
     p = ArgumentParser(prog="python -m styled_vq",
                        description="Train a Styled-VQ tokenizer on the shared runtime (stage 1: continuous tokens; "
@@ -44,7 +44,7 @@ def train_parser() -> ArgumentParser:
 
 def _preset_defaults(argv: list[str]) -> dict:
     """The model fields of ``--preset`` (from the flags or the config file), as defaults under the explicit flags."""
-    from styled_vq.model import PRESETS
+    from vae_train.styled import PRESETS
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
@@ -75,7 +75,8 @@ def sub_parser(command: str) -> ArgumentParser:
         p.add_argument("--tol", type=float, default=1e-4, help="stop when the centre shift <= tol x data variance")
         p.add_argument("--groups", type=non_negative_int, default=0, help="centre groups for pruning (0: auto)")
         p.add_argument("--warm-start", type=non_negative_int, default=0,
-                       help="first run k-means on a sample of this many x K vectors and start from its centres (0: off)")
+                       help="first run k-means on a sample of this many x K vectors and start from its centres "
+                            "(0: off)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto")
     elif command == "attach":
@@ -134,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = {"out": str(export(model, a.out)), **model.checkpoint_meta()}
         print(json.dumps(out, ensure_ascii=False))
         return 0
-    from styled_vq.model import StyledVQConfig
     from styled_vq.train import SVQTrainConfig, train
+    from vae_train.styled import StyledVQConfig
 
     defaults = {**RUNTIME_DEFAULTS, **_preset_defaults(argv)}
     _, (tc, mc, rc) = parse_configs(train_parser(), argv, SVQTrainConfig, StyledVQConfig, RuntimeConfig,

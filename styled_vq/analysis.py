@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from form_data.datasets import collate, default_transform
-from form_data.fileio import atomic_path, ensure_writable_dir, write_json
 from styled_vq.data import open_images
-from styled_vq.model import StyledVQ
+from vae_train.styled import StyledVQ
+from zh_t2i_base.fileio import atomic_path, ensure_writable_dir, write_json
 
 
 def _mse(model: StyledVQ, z: Tensor, images: Tensor, batch_size: int) -> Tensor:
@@ -85,7 +85,7 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
         ax.axvspan(b * k - 0.5, (b + 1) * k - 0.5, color="0.92", lw=0)
     x = torch.arange(t)
     for offset, (mode, label) in zip((-0.2, 0.2), (("mean", "replaced by its mean"),
-                                                   ("swap", "replaced by another image's"))):
+                                                   ("swap", "replaced by another image's")), strict=True):
         ax.bar((x + offset).tolist(), result["mse_rise"][mode], width=0.4, label=label)
     ax.set_xlabel(f"token position (shaded pairs: decoder condition blocks of {k})")
     ax.set_ylabel("MSE rise over the reconstruction")
@@ -104,7 +104,7 @@ def analyze(model_path: str, data: str, out_dir: str, max_images: int = 256, bat
             device: str = "auto") -> dict:
     """Run :func:`token_order` on the first ``max_images`` images of ``data``; write token_order.json and .png."""
     from styled_vq.train import load_model
-    from train_runtime.distributed import resolve_device
+    from zh_t2i_base.device import resolve_device
 
     out = ensure_writable_dir(out_dir)
     dev = resolve_device(device)

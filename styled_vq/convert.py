@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from form_data.cli import UserError
-from styled_vq.model import StyledVQ, StyledVQConfig
+from vae_train.styled import StyledVQ, StyledVQConfig
+from zh_t2i_base.cli import UserError, user_errors
 
 # original block sub-keys -> ours (encoder blocks, decoder final blocks, decoder condition blocks)
 _BLOCK = [(r"attn1?\.in_proj_weight", "attn.qkv.weight"), (r"attn1?\.in_proj_bias", "attn.qkv.bias"),
@@ -184,7 +184,8 @@ def from_original(path: str | os.PathLike, version: str | None = None, codebook:
             centres = codebook
         else:
             centres = _load_centres(codebook)
-        model.set_codebook(centres.float())
+        with user_errors(ValueError):
+            model.set_codebook(centres.float())
     return model.eval()
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from form_data.cli import UserError
 from form_data.datasets import _ListedImages, _listing, open_dataset
-from form_data.fileio import utf8_error
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import utf8_error
 
 
 class JsonImageList(_ListedImages):

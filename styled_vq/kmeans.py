@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from form_data.cli import UserError
-from form_data.fileio import load_torch
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import load_torch
 
 
 @dataclass

@@ -20,17 +20,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from form_data.cli import UserError
 from form_data.datasets import collate, default_transform
-from form_data.fileio import atomic_path, ensure_writable_dir, write_json
 from styled_vq.data import open_images
 from styled_vq.kmeans import kmeans, load_centres, load_shards
-from styled_vq.model import StyledVQ, StyledVQConfig
 from train_runtime import RuntimeConfig, Task, Trainer
 from train_runtime import checkpoint as ckpt
 from train_runtime import distributed as distrib
 from train_runtime.config import to_dict
-from train_runtime.trainer import save_image_grid
+from vae_train.styled import StyledVQ, StyledVQConfig
+from zh_t2i_base.cli import UserError, user_errors
+from zh_t2i_base.fileio import atomic_path, ensure_writable_dir, write_json
+from zh_t2i_base.images import save_image_grid
 
 
 @dataclass
@@ -68,7 +68,7 @@ def export(model: StyledVQ, out_dir: str | os.PathLike, step: int = 0) -> Path:
 def _perceptual(tc: SVQTrainConfig) -> nn.Module | None:
     if tc.perceptual_weight <= 0 or not (tc.lpips_vgg or tc.lpips_lin):
         return None
-    from vae_train.losses import LPIPS
+    from vae_train.lpips import LPIPS
 
     try:
         return LPIPS(tc.lpips_vgg or None, tc.lpips_lin or None)
@@ -144,7 +144,8 @@ def build_model(mc: StyledVQConfig, tc: SVQTrainConfig) -> StyledVQ:
     model = load_model(tc.init_from)
     model.cfg = replace(model.cfg, noise=mc.noise)  # the only model option that is a training choice
     if tc.codebook:
-        model.set_codebook(load_centres(tc.codebook))
+        with user_errors(ValueError):
+            model.set_codebook(load_centres(tc.codebook))
     if tc.stage == 2 and not model.has_codebook:
         raise UserError(f"--stage 2: {tc.init_from} has no codebook; pass --codebook (from `python -m styled_vq "
                         f"kmeans`)")
@@ -234,7 +235,8 @@ def dump(model_path: str, data: str, out_dir: str, batch_size: int = 64, workers
 def build_codebook(features: str, k: int, out: str, iters: int = 50, tol: float = 1e-4, seed: int = 0,
                    groups: int = 0, device: str = "auto", warm_start: int = 0) -> dict:
     """k-means over the dumped tokens (all positions share one codebook); under torchrun each rank reads a
-    contiguous block of the shards. ``warm_start``: first cluster a sample of that many x K vectors (0: off). Rank 0 writes ``out`` = {"centres": [K, E], "counts", "inertia", "history", ...}."""
+    contiguous block of the shards. ``warm_start``: first cluster a sample of that many x K vectors (0: off). Rank 0
+    writes ``out`` = {"centres": [K, E], "counts", "inertia", "history", ...}."""
     env = distrib.setup(device)
     try:
         meta_path = Path(features) / "meta.json"
@@ -268,6 +270,7 @@ def attach(model_path: str, codebook: str, out_dir: str) -> dict:
     """A stage-2 model: the stage-1 weights of ``model_path`` with the k-means ``codebook``, as
     ``out_dir/model.safetensors`` (usable by load_image_tokenizer, ``vae_train tokenize`` and ``--init-from``)."""
     model = load_model(model_path)
-    model.set_codebook(load_centres(codebook))
+    with user_errors(ValueError):
+        model.set_codebook(load_centres(codebook))
     path = export(model, out_dir)
     return {"out": str(path), "codebook_size": model.num_tokens, "seq_len": model.seq_len}

@@ -41,8 +41,8 @@ socket.socket.connect = _guarded_connect
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python <args>`` from the repo root (or cwd) and capture text output."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, check=False,
-                          timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
+                          check=False, timeout=600)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

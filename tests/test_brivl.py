@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from brivl_infer.encoder import BriVL
 from brivl_infer.load import build_model, load_brivl, load_weights, read_checkpoint, read_config, resolve_encoder
-from brivl_infer.model import BriVL, roi_sample
+from brivl_infer.model import roi_sample
 from brivl_infer.preprocess import image_tensor, open_image, prepare_images, prepare_texts
-from form_data.cli import UserError
 from form_data.tokenizer import load_tokenizer
+from zh_t2i_base.cli import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "brivl_tiny"
@@ -240,7 +241,7 @@ def test_batch_equals_single_calls(tiny):
     paths, boxes = [TINY / r["image_id"] for r in rows], [r["bbox"] for r in rows]
     texts = [dict(r["sentences"])["sur_text"] for r in rows]
     batch_img, batch_text = tiny.encode_images(paths, boxes, batch_size=4), tiny.encode_texts(texts, batch_size=4)
-    single_img = torch.cat([tiny.encode_images([p], [b]) for p, b in zip(paths, boxes)])
+    single_img = torch.cat([tiny.encode_images([p], [b]) for p, b in zip(paths, boxes, strict=True)])
     single_text = torch.cat([tiny.encode_texts([t]) for t in texts])
     assert torch.allclose(batch_img, single_img, atol=1e-5)
     assert torch.allclose(batch_text, single_text, atol=1e-5)
@@ -288,20 +289,20 @@ def test_preprocessing_matches_torchvision_without_antialias():
 # loading
 
 
-def test_from_config_loads_checkpoint_files(tiny, tiny_state, tmp_path):
+def test_load_brivl_loads_checkpoint_files(tiny, tiny_state, tmp_path):
     """{'learnable': ...} with _mom copies and position_ids, and a bare state dict, give the same model."""
     state = tiny_state
     torch.save({"learnable": state, "epoch": 3}, tmp_path / "full.pth")
     torch.save({k: v for k, v in state.items() if "_mom." not in k}, tmp_path / "bare.pt")
-    model = BriVL.from_config(TINY_CFG, tmp_path / "full.pth")
+    model = load_brivl(TINY_CFG, tmp_path / "full.pth")
     img = [TINY / "images/a.png"]
     assert torch.allclose(model.encode_images(img), tiny.encode_images(img), atol=1e-6)
     assert torch.allclose(model.encode_texts(["红色圆形"]), tiny.encode_texts(["红色圆形"]), atol=1e-6)
     bare, full = read_checkpoint(tmp_path / "bare.pt"), read_checkpoint(tmp_path / "full.pth")
     assert bare.keys() < full.keys() and all(torch.equal(v, full[k]) for k, v in bare.items())
-    from_bare = BriVL.from_config(TINY_CFG, tmp_path / "bare.pt")
+    from_bare = load_brivl(TINY_CFG, tmp_path / "bare.pt")
     assert torch.equal(from_bare.encode_images(img), model.encode_images(img))
-    # from_config folds the CNN's BatchNorms (inference only): loading weights again is refused in one line
+    # load_brivl folds the CNN's BatchNorms (inference only): loading weights again is refused in one line
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.imgencoder.backbone.modules())
     with pytest.raises(UserError, match="folded"):
         load_weights(model, bare)
@@ -375,7 +376,8 @@ def test_config_variants_and_unknown_keys(tmp_path):
     model = build_model(cfg, load_tokenizer(vocab))
     _, b, m = prepare_images([TINY / "images/a.png"], [[[1, 2, 3, 4]] * 20], cfg)
     assert b.shape == (1, 9, 4) and m.sum() == 9 and b[0, 8].tolist() == [0, 0, 96, 96]
-    ids, mask = prepare_texts(model.tokenizer, ["春天的公园里开满了花，孩子们在草地上放风筝，老人们坐在长椅上聊天。"], 24)
+    long_text = "春天的公园里开满了花，孩子们在草地上放风筝，老人们坐在长椅上聊天。"
+    ids, mask = prepare_texts(model.tokenizer, [long_text], 24)
     assert ids.shape == (1, 24) and mask.sum() == 24 and ids[0, -1] == model.tokenizer.sep_id
     assert model.encode_images([TINY / "images/a.png"], [[[1, 2, 30, 40]]]).shape == (1, 1280)
 

@@ -15,9 +15,10 @@ from test_brivl import TINY, TINY_CFG, tiny_checkpoint_state
 
 from brivl_infer import evaluate, extract
 from brivl_infer.load import build_model, read_config, resolve_encoder
-from brivl_infer.scorer import make_scorer
 from conftest import REPO, one_line_error
-from form_data.cli import UserError
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.retrieval import ranks
+from zh_t2i_rerank.brivl import make_scorer
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_recall_ties_break_to_the_lower_index():
     assert res["i2t"] == pytest.approx({"R@1": 200 / 3, "R@2": 100.0})
     assert res["t2i"] == pytest.approx({"R@1": 100.0, "R@2": 100.0})
     assert res["mean_recall"] == pytest.approx((200 / 3 + 300) / 4)
-    assert np.array_equal(evaluate.gt_ranks(img, text), [1, 0, 0])
+    assert np.array_equal(ranks(img, text), [1, 0, 0])
 
 
 def test_evaluate_input_errors(cli, tmp_path):
@@ -116,7 +117,8 @@ def test_scorer(checkpoint):
     images = [Image.open(TINY / f"images/{n}.png") for n in "abcd"]  # RGB, RGBA and L images
     scores = scorer.score("一只小猫坐在红色的沙发上", images)
     model = scorer.model
-    want = torch.cat([model.encode_images([img]) for img in images]) @ model.encode_texts(["一只小猫坐在红色的沙发上"])[0]
+    text = model.encode_texts(["一只小猫坐在红色的沙发上"])[0]
+    want = torch.cat([model.encode_images([img]) for img in images]) @ text
     assert scores.dtype == np.float32 and scores.shape == (4,)
     assert np.allclose(scores, want.numpy(), atol=1e-6) and np.ptp(scores) > 1e-4
     with pytest.raises(UserError, match="brivl:CFG_YML:CHECKPOINT"):

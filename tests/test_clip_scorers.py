@@ -12,8 +12,10 @@ import torch
 from open_clip.loss import ClipLoss
 from PIL import Image, ImageDraw
 
-from clip_train.scorers import SCORERS, cnclip_model_info, make_scorer, split_spec
-from form_data.cli import UserError
+from zh_t2i_base.cli import UserError
+from zh_t2i_rerank import brivl
+from zh_t2i_rerank.cnclip import cnclip_model_info
+from zh_t2i_rerank.registry import SCORERS, make_scorer, split_spec
 
 cn = pytest.importorskip("cn_clip.clip")
 
@@ -69,13 +71,30 @@ def cnclip_files(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_registry_has_the_three_scorers_and_splits_specs():
     assert set(SCORERS) == {"clip", "cnclip", "brivl"}
-    assert SCORERS["brivl"] == "brivl_infer.scorer:make_scorer"
+    assert SCORERS["brivl"] is brivl
     assert split_spec("cnclip:ViT-B-16:/w/clip_cn_vit-b-16.pt") == ("cnclip", ["ViT-B-16", "/w/clip_cn_vit-b-16.pt"])
     assert split_spec("brivl:cfg.yml:brivl.pth") == ("brivl", ["cfg.yml", "brivl.pth"])
     with pytest.raises(UserError, match="unknown scorer 'blip'"):
         split_spec("blip:x")
     with pytest.raises(UserError, match="expected clip:CKPT"):
         make_scorer("clip")
+
+
+def test_scorer_list_is_written_once():
+    """clip_sort.py's docstring, --help and the unknown-scorer error all come from the registry's table."""
+    import clip_sort
+    from zh_t2i_rerank.registry import USAGE
+
+    helptext = " ".join(clip_sort.parser().format_help().split())
+    doc = " ".join(clip_sort.__doc__.split())
+    for name, module in SCORERS.items():
+        assert module.USAGE.startswith(f"{name}:") and module.USAGE in USAGE
+        assert f"{module.USAGE} {module.HELP}" in doc
+        assert module.USAGE in helptext and " ".join(module.HELP.split()) in helptext
+        assert callable(module.make_scorer)
+    with pytest.raises(UserError) as err:
+        split_spec("nope:x")
+    assert USAGE in str(err.value)
 
 
 def test_cnclip_scorer_ranks_the_matching_image_first(cnclip_files):

@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 
 import clip_sort
-from clip_train.scorers import make_scorer
 from clip_train.train import ClipConfig, train
 from conftest import one_line_error
 from form_data import synth
-from form_data.cli import UserError
 from form_data.tokenizer import build_vocab, read_captions
 from train_runtime import RuntimeConfig
+from zh_t2i_base.cli import UserError
+from zh_t2i_rerank.registry import make_scorer
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,13 @@ from PIL import Image
 from clip_train.eval import attribute_matches, evaluate_checkpoint, open_pairs, retrieval_metrics
 from clip_train.load import load_clip, register_checkpoint
 from clip_train.model import normalize
-from clip_train.scorers import make_scorer
 from clip_train.train import ClipConfig, InMemory, epoch_schedule, steps_per_epoch, train
 from conftest import REPO, one_line_error
 from form_data import synth
-from form_data.cli import UserError
 from form_data.tokenizer import build_vocab, read_captions
 from train_runtime import RuntimeConfig
+from zh_t2i_base.cli import UserError
+from zh_t2i_rerank.registry import make_scorer
 
 SIZE = 32
 
@@ -97,15 +97,16 @@ def test_batched_scores_equal_one_by_one(runs, data):
 def test_scorer_fast_tower_gives_the_plain_models_scores(runs, data):
     """The scorer folds the ResNet's BatchNorms into its convs and runs channels-last in CPU micro-batches: same
     scores as open_clip's model as loaded, one image at a time; bf16 autocast moves them only a little."""
-    from clip_train.scorers import fast_image_tower
     from form_data.datasets import default_transform
+    from zh_t2i_rerank.scorer import fast_image_tower
 
     paths = sorted((data / "val" / "00000").glob("*.png"))[:11]
     images = [Image.open(p).convert("RGB") for p in paths]
     plain = load_clip(runs["dir"])
     model, prep = plain.model, default_transform(plain.image_size)
     with torch.no_grad():
-        t = torch.nn.functional.normalize(model.encode_text(plain.tokenizer.encode(["小蓝色星形"], plain.context_length)))
+        ids = plain.tokenizer.encode(["小蓝色星形"], plain.context_length)
+        t = torch.nn.functional.normalize(model.encode_text(ids))
         want = np.array([float(torch.nn.functional.normalize(
             model.encode_image(normalize(model, prep(img)[None]))) @ t[0]) for img in images])
     tower = fast_image_tower(model.visual, plain.image_size, torch.device("cpu"))
@@ -127,7 +128,8 @@ def test_checkpoint_round_trip_through_open_clip(runs):
     with torch.no_grad():
         want_img, want_txt = ours.model.encode_image(normalize(ours.model, x)), ours.model.encode_text(text)
         name = register_checkpoint(run_dir / "ckpt-00000150.pt")
-        by_name, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(run_dir / "model.safetensors"))
+        weights = str(run_dir / "model.safetensors")
+        by_name, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
         local, _, _ = open_clip.create_model_and_transforms(f"local-dir:{run_dir}")
         from_ckpt = load_clip(run_dir / "ckpt-00000150.pt").model
         for model in (by_name.eval(), local.eval(), from_ckpt):

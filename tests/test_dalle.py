@@ -16,12 +16,12 @@ from dalle_train.model import DALLE, DALLEConfig
 from dalle_train.sample import guided, pick, sample_tokens, top_k_count
 from dalle_train.train import DALLETrainConfig, TokenDataset, train
 from form_data import synth
-from form_data.cli import UserError
 from form_data.tokenizer import build_vocab, load_tokenizer, read_captions
 from train_runtime import RuntimeConfig
 from vae_train.tokenize import tokenize
 from vae_train.train import VAEConfig
 from vae_train.train import train as train_vae
+from zh_t2i_base.cli import UserError
 
 
 def tiny_model(fmap: int = 4, seed: int = 0, scale: float = 0.3) -> DALLE:
@@ -134,8 +134,9 @@ def image_ce(model: DALLE, token_file: Path, vocab: Path) -> float:
 @pytest.fixture(scope="module")
 def trained(pipeline) -> Path:
     out = pipeline["root"] / "dalle"
-    dc = DALLETrainConfig(train_data=str(pipeline["train"]), val_data=str(pipeline["val"]), vocab=str(pipeline["vocab"]),
-                          text_seq_len=16, dim=64, depth=2, heads=2, dim_head=32, null_cond_prob=0.1, sample_images=4)
+    dc = DALLETrainConfig(train_data=str(pipeline["train"]), val_data=str(pipeline["val"]),
+                          vocab=str(pipeline["vocab"]), text_seq_len=16, dim=64, depth=2, heads=2, dim_head=32,
+                          null_cond_prob=0.1, sample_images=4)
     rc = RuntimeConfig(out_dir=str(out), max_steps=120, batch_size=32, lr=3e-3, warmup_steps=10, workers=0,
                        log_every=10, eval_every=40, save_every=1000)
     train(dc, rc)

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-from form_data.cli import UserError
 from form_data.datasets import (
     CsvImageText,
     ImageCache,
@@ -30,6 +29,7 @@ from form_data.datasets import (
     load_image,
     open_dataset,
 )
+from zh_t2i_base.cli import UserError
 
 SIZE = 16
 
@@ -125,7 +125,7 @@ def _csv(tmp_path: Path, n: int = 6, broken: dict[int, str] | None = None) -> Pa
     with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter="\t")
         w.writerow(["title", "filepath"])
-        w.writerows(zip(_captions(n), names))
+        w.writerows(zip(_captions(n), names, strict=True))
     return path
 
 
@@ -357,7 +357,7 @@ def test_dalle_jsonl(tmp_path):
     out = tmp_path / "dalle"
     names = _names(3)
     _write_images(out, names)
-    rows = [{"image_path": n, "sentences": c} for n, c in zip(names, _captions(3))]
+    rows = [{"image_path": n, "sentences": c} for n, c in zip(names, _captions(3), strict=True)]
     (out / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
     ds = JsonlImageText(out / "train.jsonl", image_size=SIZE)
     assert ds.layout == "dalle"
@@ -438,7 +438,7 @@ def test_dataloader_workers_sum_skipped(tmp_path):
     seen = [i for b in batches for i in b["index"].tolist()]
     assert set(seen) == set(range(n)) - set(broken)
     assert sum(b["skipped"] for b in batches) == len(broken)
-    captions = dict(zip(seen, (c for b in batches for c in b["caption"])))
+    captions = dict(zip(seen, (c for b in batches for c in b["caption"]), strict=True))
     assert all(captions[i] == _captions(n)[i] for i in seen)
 
 

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 
 from conftest import REPO, one_line_error
 from form_data import synth
-from form_data.demo_report import TARGETS, rerank_gain
-from form_data.judge import Judge, accuracy, object_colour, rendered_split
+from zh_t2i_demo.judge import Judge, accuracy, object_colour, rendered_split
+from zh_t2i_demo.report import TARGETS, rerank_gain
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +134,11 @@ def test_demo_writes_every_artefact_and_finite_metrics(demo_run):
     commands = [line for line in (run / "stdout.txt").read_text().splitlines() if line.startswith("+ ")]
     for needed in ("form_data synth", "form_data clean", "form_data download", "form_data export", "form_data vocab",
                    "-m vae_train", "vae_train tokenize", "-m dalle_train", "-m clip_train", "dalle_gen.py",
-                   "clip_sort.py", "form_data report"):
+                   "clip_sort.py", "zh_t2i_demo report"):
         assert any(needed in c for c in commands), f"no printed command for {needed}"
 
 
-MACHINE_KEYS = ("machine", "date", "calibration")  # where and when it ran: the only part of metrics.json that may differ
+MACHINE_KEYS = ("machine", "date", "calibration")  # where and when it ran: all of metrics.json that may differ
 
 
 def test_demo_budgets_are_fixed_work_not_time(demo_run):
@@ -159,7 +159,7 @@ def test_demo_prints_calibration_and_step_table(demo_run):
     for name in ("raw", "download", "vae", "judge", "tokenize", "dalle", "clip", "generate", "report", "total"):
         assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+\s", table, re.MULTILINE), (name, table)
     assert "compute-bound steps x" in table and "on the slow kind" in table
-    from form_data.demo_steps import read_steps
+    from zh_t2i_demo.steps import read_steps
 
     steps = {s.name: s for s in read_steps(demo_run)}
     # every CLI process of a step logged its start-up line: train + eval, two splits, one trainer, gen + rerank
@@ -169,11 +169,11 @@ def test_demo_prints_calibration_and_step_table(demo_run):
 
 
 def test_calibrate_and_steps_bad_inputs_are_one_line_errors(cli, tmp_path):
-    assert "no timings.tsv" in one_line_error(cli("-m", "form_data", "steps", str(tmp_path)))
-    assert "--seconds must be > 0" in one_line_error(cli("-m", "form_data", "calibrate", "--seconds", "0"))
+    assert "no timings.tsv" in one_line_error(cli("-m", "zh_t2i_demo", "steps", str(tmp_path)))
+    assert "--seconds must be > 0" in one_line_error(cli("-m", "zh_t2i_demo", "calibrate", "--seconds", "0"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert "cannot write" in one_line_error(cli("-m", "form_data", "calibrate", "--out", str(blocker / "c.json")))
+    assert "cannot write" in one_line_error(cli("-m", "zh_t2i_demo", "calibrate", "--out", str(blocker / "c.json")))
 
 
 def test_demo_same_seed_gives_identical_metrics(demo_run, tmp_path):
@@ -206,7 +206,7 @@ def test_demo_second_run_reuses_finished_steps(demo_run):
                        check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "-m vae_train --model" not in r.stdout and "-m dalle_train" not in r.stdout
-    assert "-m form_data report" in r.stdout
+    assert "-m zh_t2i_demo report" in r.stdout
 
 
 def test_report_renders_in_headless_chromium(demo_run):

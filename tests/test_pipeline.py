@@ -53,7 +53,8 @@ def test_download_counts_each_failure(pipeline):
     assert failures == {"http_404": expected["http_404"], "decode_error": expected["corrupt"],
                         "too_small": expected["too_small"], "too_elongated": expected["too_elongated"]}
     assert ok == expected["good_rows"] + expected["large"]
-    assert json.loads((root / "dl/download_report.json").read_text())["splits"]["train"]["ok"] == dl["splits"]["train"]["ok"]
+    report = json.loads((root / "dl/download_report.json").read_text())
+    assert report["splits"]["train"]["ok"] == dl["splits"]["train"]["ok"]
 
 
 def test_download_shrinks_large_images_to_fit_512(pipeline):
@@ -157,7 +158,7 @@ def test_synth_object_has_its_colour():
 def test_synth_captions_pass_the_cleaner():
     from form_data.clean import row_verdict
 
-    for _, attrs, cap in synth.generate_split(300, "train", synth.all_combos(), seed=0):
+    for _, _attrs, cap in synth.generate_split(300, "train", synth.all_combos(), seed=0):
         assert row_verdict("u", cap, set(synth.SHAPES)) == "kept", cap
 
 
@@ -182,7 +183,8 @@ def test_cli_errors_download_export_synth(tmp_path, cli):
         cli("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--image-size", "1000"))
     assert "--base-url" in one_line_error(cli("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--raw"))
     assert "invalid choice" in one_line_error(cli("-m", "form_data", "frobnicate"))
-    assert "must be an integer >= 1" in one_line_error(cli("-m", "form_data", "export", str(tmp_path), "--shard-size", "0"))
+    assert "must be an integer >= 1" in one_line_error(
+        cli("-m", "form_data", "export", str(tmp_path), "--shard-size", "0"))
     assert "must be an integer >= 1" in one_line_error(
         cli("-m", "form_data", "download", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "0"))
     r = cli("-m", "form_data", "clean", "--help")

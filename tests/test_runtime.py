@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from form_data.cli import UserError
 from train_runtime import RuntimeConfig, Task, Trainer, TrainingDiverged
 from train_runtime import checkpoint as ckpt
 from train_runtime.config import add_dataclass_args, parse_configs
 from train_runtime.optim import lr_factor, param_groups
+from zh_t2i_base import checkpoint as ckpt_files
+from zh_t2i_base.cli import UserError
 
 
 class Toy(Task):
@@ -81,7 +82,7 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     Trainer(cfg(full), Toy(), toy_data()).fit()
     part = tmp_path / "part"
     Trainer(cfg(part, max_time=1e-9), Toy(), toy_data()).fit()  # stops (and saves) after its first step
-    assert [p.name for p in ckpt.checkpoints(part)] == ["ckpt-00000001.pt"]
+    assert [p.name for p in ckpt_files.checkpoints(part)] == ["ckpt-00000001.pt"]
     Trainer(cfg(part, resume="latest"), Toy(), toy_data()).fit()
     a, b = losses(full), losses(part)
     assert sorted(a) == sorted(b) == list(range(1, 31))
@@ -93,8 +94,8 @@ def test_resume_continues_the_same_trajectory(tmp_path):
 
 def test_checkpoint_contents_keep_last_and_exports(tmp_path):
     Trainer(cfg(tmp_path, keep_last=2, save_every=5, max_steps=23), Toy(), toy_data()).fit()
-    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["ckpt-00000020.pt", "ckpt-00000023.pt"]
-    state = ckpt.load(tmp_path / "ckpt-00000023.pt")
+    assert [p.name for p in ckpt_files.checkpoints(tmp_path)] == ["ckpt-00000020.pt", "ckpt-00000023.pt"]
+    state = ckpt_files.load(tmp_path / "ckpt-00000023.pt")
     assert {"step", "epoch", "batch_in_epoch", "modules", "optimizers", "schedulers", "scaler", "rng", "config",
             "meta"} <= set(state)
     assert state["step"] == 23 and state["meta"] == {"kind": "toy"}
@@ -118,8 +119,8 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ckpt.save({"step": 11}, tmp_path, 11)
     monkeypatch.setattr(torch, "save", real_save)
-    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["ckpt-00000010.pt"]
-    assert ckpt.load(ckpt.resolve("latest", tmp_path))["step"] == 10
+    assert [p.name for p in ckpt_files.checkpoints(tmp_path)] == ["ckpt-00000010.pt"]
+    assert ckpt_files.load(ckpt.resolve("latest", tmp_path))["step"] == 10
     # a temp file left by a SIGKILL (no cleanup ran) is ignored and removed on the next start
     (tmp_path / ".ckpt-zzz.tmp").write_bytes(b"garbage")
     Trainer(cfg(tmp_path, max_steps=12, resume="latest", save_every=10), Toy(), toy_data()).fit()
@@ -129,8 +130,8 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 def test_nan_loss_stops_with_message_and_keeps_last_good(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"NaN/inf at step 7.*ckpt-00000005\.pt"):
         Trainer(cfg(tmp_path, save_every=5), Toy(nan_at=7), toy_data()).fit()
-    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["ckpt-00000005.pt"]
-    assert ckpt.load(tmp_path / "ckpt-00000005.pt")["step"] == 5
+    assert [p.name for p in ckpt_files.checkpoints(tmp_path)] == ["ckpt-00000005.pt"]
+    assert ckpt_files.load(tmp_path / "ckpt-00000005.pt")["step"] == 5
 
 
 def test_bad_run_options_are_user_errors(tmp_path):
@@ -158,8 +159,8 @@ def test_grad_accum_matches_bigger_batch(tmp_path):
 
     Trainer(cfg(tmp_path / "a", max_steps=5, batch_size=16), NoDrop(), toy_data(), shuffle=False).fit()
     Trainer(cfg(tmp_path / "b", max_steps=5, batch_size=8, grad_accum=2), NoDrop(), toy_data(), shuffle=False).fit()
-    sa = ckpt.load(tmp_path / "a/ckpt-00000005.pt")["modules"]["model"]
-    sb = ckpt.load(tmp_path / "b/ckpt-00000005.pt")["modules"]["model"]
+    sa = ckpt_files.load(tmp_path / "a/ckpt-00000005.pt")["modules"]["model"]
+    sb = ckpt_files.load(tmp_path / "b/ckpt-00000005.pt")["modules"]["model"]
     assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
 
 
@@ -201,13 +202,13 @@ def test_channels_last_gives_the_same_training(tmp_path):
 
 
 def test_every_weights_file_reader_gives_one_line_errors(tmp_path):
-    """Checkpoints, judges and codebooks all go through form_data.fileio.load_torch (weights_only=True)."""
-    from form_data.judge import Judge
+    """Checkpoints, judges and codebooks all go through zh_t2i_base.fileio.load_torch (weights_only=True)."""
     from styled_vq.kmeans import load_centres
+    from zh_t2i_demo.judge import Judge
 
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    for load, what in ((ckpt.load, "checkpoint"), (Judge.load, "judge"), (load_centres, "codebook file")):
+    for load, what in ((ckpt_files.load, "checkpoint"), (Judge.load, "judge"), (load_centres, "codebook file")):
         with pytest.raises(UserError, match=rf"bad\.pt: not a loadable {what} \("):
             load(bad)
         with pytest.raises(UserError, match=f"{what} not found: "):
@@ -215,11 +216,11 @@ def test_every_weights_file_reader_gives_one_line_errors(tmp_path):
 
 
 def test_fold_batchnorm_keeps_outputs_and_refuses_wrong_pairings():
-    """form_data.inference.fold_batchnorm: conv + BN (plain, and timm's BN + activation) fold into one conv with the
+    """zh_t2i_base.precision.fold_batchnorm: conv + BN (plain, and timm's BN + activation) fold into one conv with the
     same outputs; a BN that does not normalise its conv's output, or a module in training mode, is left alone."""
     from timm.layers import BatchNormAct2d
 
-    from form_data.inference import fold_batchnorm
+    from zh_t2i_base.precision import fold_batchnorm
 
     class Block(torch.nn.Module):
         def __init__(self, wrong: bool = False):
@@ -259,7 +260,7 @@ def test_fold_batchnorm_keeps_outputs_and_refuses_wrong_pairings():
 
 def test_cpu_bf16_training_and_the_precision_chooser(tmp_path, monkeypatch):
     """bf16 autocast trains on CPU (the loss falls like fp32's); the chooser asks oneDNN and says fp32 without it."""
-    from train_runtime import trainer as tr
+    from zh_t2i_base import precision as tr
 
     Trainer(cfg(tmp_path / "a"), Toy(), toy_data()).fit()
     Trainer(cfg(tmp_path / "b", precision="bf16"), Toy(), toy_data()).fit()

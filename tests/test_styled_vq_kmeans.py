@@ -15,8 +15,8 @@ import torch
 from sklearn.cluster import KMeans
 
 from conftest import REPO, one_line_error
-from form_data.cli import UserError
 from styled_vq.kmeans import kmeans
+from zh_t2i_base.cli import UserError
 
 
 def blobs(n: int, k: int, dim: int, seed: int, spread: float = 3.0) -> torch.Tensor:

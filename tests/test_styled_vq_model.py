@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from conftest import REPO
-from form_data.cli import UserError
 from styled_vq.convert import from_original, load_original_state
-from styled_vq.model import AdaLayerNorm, StyledVQ, StyledVQConfig, count_parameters, preset, tokenizer_from_checkpoint
 from train_runtime.optim import param_groups
+from vae_train.load import build_tokenizer
+from vae_train.styled import AdaLayerNorm, StyledVQ, StyledVQConfig, count_parameters, preset
+from zh_t2i_base.cli import UserError
 
 FIXTURE = REPO / "tests" / "fixtures" / "styled_vq_orig"
 SMALL = {"image_size": 16, "patch_size": 4, "width": 32, "heads": 2, "dense_blocks": 1, "expert_blocks": 1,
@@ -62,7 +63,7 @@ def test_config_validation():
         StyledVQConfig(version="v3")
     with pytest.raises(ValueError, match="v1 bottleneck only"):
         StyledVQConfig(noise=0.1)
-    with pytest.raises(UserError, match="unknown Styled-VQ preset"):
+    with pytest.raises(ValueError, match="unknown Styled-VQ preset"):
         preset("huge")
 
 
@@ -116,7 +117,7 @@ def test_quantize_straight_through_and_round_trip():
     torch.manual_seed(0)
     model = StyledVQ(StyledVQConfig(**SMALL)).eval()
     images = torch.rand(3, 3, 16, 16)
-    with pytest.raises(UserError, match="no codebook yet"):
+    with pytest.raises(ValueError, match="no codebook yet"):
         model.encode(images)
     z = model.encode_continuous(images).detach()
     # a codebook holding the exact tokens of the images (plus far-away rows): encode -> decode is the continuous path
@@ -141,17 +142,17 @@ def test_quantize_straight_through_and_round_trip():
         model.decode(torch.full((1, 8), 32))
 
 
-def test_tokenizer_from_checkpoint_round_trip():
+def test_from_checkpoint_round_trip():
     torch.manual_seed(0)
     model = StyledVQ(StyledVQConfig(**SMALL))
     model.set_codebook(torch.randn(16, 8))
-    again = tokenizer_from_checkpoint(model.checkpoint_meta(), model.state_dict())
+    again = StyledVQ.from_checkpoint(model.checkpoint_meta(), model.state_dict())
     images = torch.rand(2, 3, 16, 16)
     assert not again.training and torch.equal(again.encode(images), model.encode(images))
     stage1 = StyledVQ(StyledVQConfig(**SMALL))
-    assert not tokenizer_from_checkpoint(stage1.checkpoint_meta(), stage1.state_dict()).has_codebook
+    assert not StyledVQ.from_checkpoint(stage1.checkpoint_meta(), stage1.state_dict()).has_codebook
     with pytest.raises(UserError, match="do not match"):
-        tokenizer_from_checkpoint(stage1.checkpoint_meta(), {"x": torch.zeros(1)})
+        build_tokenizer(stage1.checkpoint_meta(), {"x": torch.zeros(1)})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

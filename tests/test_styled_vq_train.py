@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from form_data import synth
-from form_data.cli import UserError
 from styled_vq.__main__ import main
 from styled_vq.analysis import analyze
-from styled_vq.model import StyledVQ, StyledVQConfig
 from styled_vq.train import SVQTrainConfig, attach, build_codebook, dump, export, load_model, train
 from train_runtime import RuntimeConfig
+from vae_train.styled import StyledVQ, StyledVQConfig
+from zh_t2i_base.cli import UserError
 
 SMALL = {"image_size": 16, "patch_size": 4, "width": 32, "heads": 2, "dense_blocks": 1, "expert_blocks": 1,
          "cond_blocks": 4, "emb_dim": 8, "decoder_width": 32, "final_blocks": 1, "refiner_channels": 8,
@@ -55,7 +55,7 @@ def test_stage1_lowers_mse(data, tmp_path, version):
 def test_perceptual_loss_from_local_files(data, tmp_path):
     from torchvision.models import vgg16
 
-    from vae_train.losses import VGG_CHANNELS
+    from vae_train.lpips import VGG_CHANNELS
 
     vgg, lin = tmp_path / "vgg16.pth", tmp_path / "vgg.pth"
     torch.save({f"features.{k}": v for k, v in vgg16(weights=None).features.state_dict().items()}, vgg)
@@ -105,7 +105,7 @@ def test_codebook_steps_stage2_and_resume(data, tmp_path):
     train(StyledVQConfig(), tc, RuntimeConfig(out_dir=str(tmp_path / "resumed"), resume="latest", **rc))
     assert metrics(tmp_path / "resumed") == metrics(tmp_path / "full")
     a, b = load_model(tmp_path / "full"), load_model(tmp_path / "resumed")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_token_order_analysis(data, tmp_path):

@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 import form_data.tokenizer as T
-from form_data.cli import UserError
 from form_data.tokenizer import build_vocab, load_tokenizer, read_captions
+from zh_t2i_base.cli import UserError
 
 CAPTIONS = ["一只猫在草地上", "两只狗在草地上奔跑", "红色的汽车 停在路边", "蓝天白云下的小猫", "iPhone手机"]
 
@@ -258,7 +258,8 @@ def test_source_order(tmp_path, monkeypatch):
     build_vocab(["三四"], tmp_path / "fallback.txt")
     # No cn_clip: the fallback vocab is used when no path is given, the explicit path beats it.
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert load_tokenizer(fallback_vocab=tmp_path / "fallback.txt").source == f"fallback vocab {tmp_path / 'fallback.txt'}"
+    fallback = tmp_path / "fallback.txt"
+    assert load_tokenizer(fallback_vocab=fallback).source == f"fallback vocab {fallback}"
     assert load_tokenizer(explicit, fallback_vocab=tmp_path / "fallback.txt").source == f"vocab {explicit}"
     # With cn_clip: it beats the fallback, and the explicit path beats it.
     cn = fake_cn_clip(monkeypatch, tmp_path / "site", bert_chinese_tokens("五六"))

@@ -1,4 +1,4 @@
-"""Tests of vae_train.losses (taming-compatible VQGAN loss) and vae_train.metrics (PSNR, SSIM, codebook usage)."""
+"""Tests of vae_train's losses (taming-compatible VQGAN loss) and vae_train.metrics (PSNR, SSIM, codebook usage)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,10 @@ import torch
 from torch import nn
 from torchvision.models import vgg16
 
-from vae_train.losses import (
-    LPIPS,
-    NLayerDiscriminator,
-    VQGANLoss,
-    adopt_weight,
-    hinge_d_loss,
-    lpips_available,
-    vanilla_d_loss,
-)
+from vae_train.discriminator import NLayerDiscriminator
+from vae_train.lpips import LPIPS, lpips_available
 from vae_train.metrics import RunningStats, codebook_usage, psnr, ssim, to_unit_range
+from vae_train.vqgan_loss import VQGANLoss, adopt_weight, hinge_d_loss, vanilla_d_loss
 
 # taming's NLayerDiscriminator(n_layers=3) state-dict keys, BatchNorm variant
 TAMING_DISC_KEYS = [
@@ -173,7 +167,7 @@ def test_gan_off_is_pure_l1_plus_codebook():
 
 
 def test_lpips_off_without_files(caplog):
-    with caplog.at_level(logging.WARNING, logger="vae_train.losses"):
+    with caplog.at_level(logging.WARNING, logger="vae_train.vqgan_loss"):
         loss = VQGANLoss(perceptual_weight=1.0, gan=False)
     assert loss.perceptual_loss is None and loss.perceptual_weight == 0.0 and not loss.perceptual_enabled
     assert sum("perceptual term is OFF" in r.getMessage() for r in caplog.records) == 1
@@ -281,7 +275,7 @@ def numpy_ssim(x: np.ndarray, y: np.ndarray, win: int = 11, sigma: float = 1.5) 
     g = np.exp(-((np.arange(win) - win // 2) ** 2) / (2 * sigma**2))
     w = np.outer(g, g) / np.outer(g, g).sum()
     per_channel = []
-    for xc, yc in zip(x, y):
+    for xc, yc in zip(x, y, strict=True):
         px = np.lib.stride_tricks.sliding_window_view(xc, (win, win))
         py = np.lib.stride_tricks.sliding_window_view(yc, (win, win))
         mx, my = (px * w).sum((-1, -2)), (py * w).sum((-1, -2))
@@ -318,7 +312,7 @@ def test_ssim_matches_numpy_reference():
         return scipy_ndimage.gaussian_filter(a, 1.5, truncate=3.5, mode="reflect")
 
     maps = []
-    for xc, yc in zip(xs, ys):
+    for xc, yc in zip(xs, ys, strict=True):
         mx, my = f(xc), f(yc)
         vx, vy, cxy = f(xc * xc) - mx**2, f(yc * yc) - my**2, f(xc * yc) - mx * my
         s = ((2 * mx * my + 1e-4) * (2 * cxy + 9e-4)) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4))
@@ -333,7 +327,8 @@ def test_codebook_usage():
     usage = codebook_usage(idx, 16)
     assert usage["perplexity"] == pytest.approx(8.0) and usage["used_fraction"] == 0.5 and usage["used"] == 8
     assert codebook_usage(torch.zeros(10, dtype=torch.long), 16)["perplexity"] == pytest.approx(1.0)
-    assert codebook_usage(torch.tensor([], dtype=torch.long), 16) == {"perplexity": 0.0, "used_fraction": 0.0, "used": 0}
+    empty = torch.tensor([], dtype=torch.long)
+    assert codebook_usage(empty, 16) == {"perplexity": 0.0, "used_fraction": 0.0, "used": 0}
     with pytest.raises(ValueError):
         codebook_usage(torch.tensor([16]), 16)
 

@@ -1,4 +1,5 @@
-"""vae_train models: taming checkpoint parity, strict loading, tokenizer contracts, DALLE-pytorch dVAE layout, training."""
+"""vae_train models: taming checkpoint parity, strict loading, tokenizer contracts, DALLE-pytorch dVAE layout,
+training."""
 
 from __future__ import annotations
 
@@ -11,19 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from form_data.cli import UserError
-from vae_train import (
-    VQGAN,
-    DiscreteVAE,
-    DVAEConfig,
-    ImageTokenizer,
-    VQGANConfig,
-    load_vqgan,
-    load_vqgan_with_loss_state,
-    taming_loss_state,
-    vqgan_config_from_yaml,
-)
-from vae_train.model import VectorQuantizer
+from vae_train.convert import load_vqgan, load_vqgan_with_loss_state, taming_loss_state, vqgan_config_from_yaml
+from vae_train.dvae import DiscreteVAE, DVAEConfig
+from vae_train.protocol import ImageTokenizer
+from vae_train.quantizers import VectorQuantizer
+from vae_train.vqgan import VQGAN, VQGANConfig
+from zh_t2i_base.cli import UserError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "taming_tiny"
 CKPT, YAML = FIXTURE / "last.ckpt", FIXTURE / "model.yaml"

@@ -16,10 +16,10 @@ import torch
 
 from conftest import REPO, one_line_error
 from form_data import synth
-from form_data.cli import UserError
 from train_runtime import RuntimeConfig
 from vae_train.load import load_image_tokenizer
 from vae_train.train import VAEConfig, train
+from zh_t2i_base.cli import UserError
 
 TINY = ["--model", "dvae", "--image-size", "16", "--num-layers", "2", "--hidden-dim", "16", "--num-resnet-blocks", "0",
         "--num-tokens", "64", "--emb-dim", "16", "--batch-size", "8", "--workers", "0", "--log-every", "1",
@@ -97,10 +97,9 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "SIGTERM: saved step" in out
-    from train_runtime import checkpoint as ckpt
-
-    saved = ckpt.checkpoints(tmp_path)
-    assert len(saved) == 1 and ckpt.load(saved[0])["step"] >= 3
+    from zh_t2i_base import checkpoint as ckpt_files
+    saved = ckpt_files.checkpoints(tmp_path)
+    assert len(saved) == 1 and ckpt_files.load(saved[0])["step"] >= 3
 
 
 def test_torchrun_two_ranks_keep_identical_parameters(data, tmp_path):
@@ -162,7 +161,7 @@ def test_tokenize_eval_and_loading_any_form(data, tmp_path):
     tokenize(str(run), str(data / "val_clip.csv"), tmp_path / "flip.pt", workers=0, progress=False, hflip=True)
     flip = torch.load(tmp_path / "flip.pt", weights_only=True)
     assert flip["tokens"].shape == (32, 16) and flip["hflip"].count(True) == 16
-    pairs = {(c, f): t for c, f, t in zip(flip["images"], flip["hflip"], flip["tokens"])}
+    pairs = {(c, f): t for c, f, t in zip(flip["images"], flip["hflip"], flip["tokens"], strict=True)}
     first = tok["images"][0]
     assert torch.equal(pairs[(first, False)], tok["tokens"][0])
     assert torch.equal(pairs[(first, True)].long(), model.encode(ds[0]["image"].flip(-1)[None])[0])

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from form_data.cli import UserError
+from zh_t2i_base.cli import UserError
 
 T = TypeVar("T")
 
@@ -87,7 +87,7 @@ def training_parser(prog: str, description: str, model_cls: type, defaults: dict
                     group: str = "model and data") -> argparse.ArgumentParser:
     """The CLI of a trainer: ``--config``, one flag per field of ``model_cls`` and of :class:`RuntimeConfig` (with the
     package's own runtime ``defaults``)."""
-    from form_data.cli import ArgumentParser
+    from zh_t2i_base.cli import ArgumentParser
 
     p = ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", help="YAML/JSON file of options (flags override it)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from form_data.device import resolve_device
+from zh_t2i_base.device import resolve_device
 
 
 @dataclass
@@ -75,4 +75,4 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(values, t.tolist())}
+    return {k: float(v) / dist.get_world_size() for k, v in zip(values, t.tolist(), strict=True)}

@@ -29,12 +29,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from form_data.cli import UserError
-from form_data.fileio import atomic_path, write_json
 from train_runtime import checkpoint as ckpt
 from train_runtime import distributed as distrib
 from train_runtime.config import RuntimeConfig, to_dict
 from train_runtime.optim import make_optimizer, make_scheduler
+from zh_t2i_base.checkpoint import load as read_checkpoint
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import write_json
+from zh_t2i_base.precision import autocast as precision_autocast
+from zh_t2i_base.precision import resolve_precision
 
 
 class TrainingDiverged(UserError):
@@ -128,27 +131,6 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool = False) ->
     return batch
 
 
-def cpu_training_precision() -> str:
-    """"bf16" where this CPU runs bf16 convolutions and matmuls natively through oneDNN (AVX512-BF16 / AMX: about
-    1.5x the training images/s of fp32 for the demo's tokenizer), else "fp32". CPU runs default to fp32; the demo
-    asks for this."""
-    try:
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported() and "AVX512" in torch.backends.cpu.get_cpu_capability()
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16" if native else "fp32"
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
-    return precision
-
-
 class Trainer:
     def __init__(self, cfg: RuntimeConfig, task: Task, dataset: Dataset, collate_fn: Callable | None = None,
                  config: dict | None = None, shuffle: bool = True):
@@ -208,8 +190,7 @@ class Trainer:
             schedulers[name] = make_scheduler(optimizers[name], cfg.warmup_steps, cfg.max_steps, cfg.schedule,
                                               cfg.min_lr_ratio)
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                    if precision in ("bf16", "fp16") else contextlib.nullcontext())
+        autocast = precision_autocast(env.device, precision)
 
         if not hasattr(self.dataset, "__len__"):
             raise UserError("training needs a listed data set (CSV / JSONL / image folder); webdataset shards can be "
@@ -223,7 +204,7 @@ class Trainer:
         step, epoch, batch_in_epoch = 0, 0, 0
         resume_path = ckpt.resolve(cfg.resume, self.run_dir)
         if resume_path is not None:
-            state = ckpt.load(resume_path)
+            state = read_checkpoint(resume_path)
             for name, module in modules.items():
                 if name not in state.get("modules", {}):
                     raise UserError(f"{resume_path}: no state for module {name!r}; is it a checkpoint of this trainer?")
@@ -453,22 +434,3 @@ def _rank_param_divergence(modules: dict[str, nn.Module], device: torch.device) 
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     return max(float((g - gathered[0]).abs().max()) for g in gathered)
-
-
-def save_image_grid(images01: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
-    """Images in [0,1], [B,3,H,W] -> one PNG grid (atomically): ``nrow`` images a row, 2 black pixels around each,
-    as torchvision's ``save_image`` lays it out (without importing torchvision, seconds of start-up)."""
-    from PIL import Image
-
-    x = images01.detach().float().clamp(0, 1).cpu()
-    b, c, h, w = x.shape
-    cols = min(nrow, b)
-    rows, pad = -(-b // cols), 2
-    grid = torch.zeros(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
-    for i in range(b):
-        r, k = divmod(i, cols)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = x[i]
-    arr = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(tmp, format="png")
-    return Path(path)

@@ -7,10 +7,10 @@ import json
 import sys
 from collections.abc import Sequence
 
-from form_data.cli import ArgumentParser, non_negative_int, positive_int, run
 from train_runtime import RuntimeConfig
 from train_runtime.config import parse_configs, training_parser
 from vae_train.train import VAEConfig
+from zh_t2i_base.cli import ArgumentParser, non_negative_int, positive_int, run
 
 RUNTIME_DEFAULTS = {"lr": 1e-3, "batch_size": 64, "max_steps": 2000, "warmup_steps": 100, "save_every": 500,
                     "out_dir": "runs/vae"}
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = eval_parser().parse_args(argv[1:])
         result = evaluate(a.tokenizer, a.data, a.max_images, a.grid, a.device, a.yaml, recon_dir=a.save_recon)
         if a.out:
-            from form_data.fileio import write_json
+            from zh_t2i_base.fileio import write_json
 
             write_json(a.out, result)
         print(json.dumps(result, ensure_ascii=False))

@@ -8,7 +8,7 @@ the PatchGAN discriminator), plus a YAML file::
       target: taming.models.vqgan.VQModel        # or taming.models.vqgan.GumbelVQ
       params: {embed_dim: 256, n_embed: 1024, ddconfig: {...}, lossconfig: {...}}
 
-Every problem with the user's files raises :class:`form_data.cli.UserError` with a one-line message.
+Every problem with the user's files raises :class:`zh_t2i_base.cli.UserError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from form_data.cli import UserError
-from vae_train.model import VQGAN, VQGANConfig
+from vae_train.vqgan import VQGAN, VQGANConfig
+from zh_t2i_base.cli import UserError
 
 TARGETS = {
     "taming.models.vqgan.VQModel": "vq",

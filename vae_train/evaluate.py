@@ -6,11 +6,12 @@ import torch
 from tqdm import tqdm
 
 from form_data.datasets import collate, default_transform, open_dataset
-from form_data.fileio import atomic_path, ensure_writable_dir
-from train_runtime.distributed import resolve_device
-from train_runtime.trainer import save_image_grid
 from vae_train.load import load_image_tokenizer
 from vae_train.metrics import RunningStats
+from zh_t2i_base.cli import user_errors
+from zh_t2i_base.device import resolve_device
+from zh_t2i_base.fileio import ensure_writable_dir
+from zh_t2i_base.images import save_image_grid, save_png, to_pil
 
 
 def image_batches(ds, limit: int, device: torch.device, batch_size: int = 64):
@@ -27,7 +28,8 @@ def reconstruction_metrics(model, batches, on_recon=None) -> tuple[dict, torch.T
     first = None
     with torch.no_grad():
         for images in batches:
-            idx = model.encode(images)
+            with user_errors(ValueError):  # e.g. a Styled-VQ without its codebook yet
+                idx = model.encode(images)
             recon = model.decode(idx)
             stats.update(images, recon, idx)
             if on_recon is not None:
@@ -48,16 +50,12 @@ def evaluate(tokenizer: str, data: str, max_images: int = 1000, grid: str | None
     batches = tqdm(image_batches(ds, n, dev, batch_size), total=-(-n // batch_size), desc="eval", unit="batch")
     saver = None
     if recon_dir:
-        from PIL import Image
-
         out = ensure_writable_dir(recon_dir)
         count = [0]
 
-        def saver(recon: torch.Tensor) -> None:  # the pixels torchvision's save_image writes: round(255 x), clamped
-            arrs = recon.float().clamp(0, 1).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            for arr in arrs.cpu().numpy():
-                with atomic_path(out / f"{count[0]}.png") as tmp:
-                    Image.fromarray(arr).save(tmp, format="png")
+        def saver(recon: torch.Tensor) -> None:
+            for img in to_pil(recon):
+                save_png(img, out / f"{count[0]}.png")
                 count[0] += 1
 
     metrics, first = reconstruction_metrics(model, batches, saver)

@@ -2,43 +2,34 @@
 
 Accepted: a run directory of ``python -m vae_train`` (its newest checkpoint), one of its ``ckpt-*.pt`` files or its
 ``model.safetensors`` export, and a taming-transformers pair (``last.ckpt`` + ``model.yaml``, or a directory holding
-them, e.g. the public ImageNet f16-1024 model). Kinds of other packages (Styled-VQ) register a loader here by name,
-so this module never imports them.
+them, e.g. the public ImageNet f16-1024 model). The kind (dVAE, VQGAN, Styled-VQ ...) comes
+from the checkpoint; :mod:`vae_train.registry` lists them.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
 import torch
 
-from form_data.cli import UserError
-from train_runtime import checkpoint as ckpt
-from vae_train.model import VQGAN, DiscreteVAE, DVAEConfig, ImageTokenizer, VQGANConfig
-
-# kind -> "module:function(meta: dict, state_dict: dict) -> ImageTokenizer" for tokenizers of other packages
-EXTERNAL_KINDS = {"styled_vq": "styled_vq.model:tokenizer_from_checkpoint"}
+from vae_train.protocol import ImageTokenizer
+from vae_train.registry import TOKENIZERS
+from zh_t2i_base import checkpoint as ckpt
+from zh_t2i_base.cli import UserError
 
 
 def build_tokenizer(meta: dict, state_dict: dict) -> ImageTokenizer:
     """Rebuild a tokenizer from a checkpoint's ``meta`` (kind + model config) and its weights."""
     kind = meta.get("kind")
-    if kind in ("dvae", "vqgan"):
-        cfg = meta["config"]
-        model = DiscreteVAE(DVAEConfig(**cfg)) if kind == "dvae" else VQGAN(VQGANConfig(**cfg))
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise UserError(f"checkpoint weights do not match its {kind} config: {str(e).splitlines()[0]}") from None
-        if kind == "vqgan" and meta.get("image_size"):
-            model.image_size = int(meta["image_size"])
-        return model.eval()
-    if kind in EXTERNAL_KINDS:
-        module, func = EXTERNAL_KINDS[kind].split(":")
-        return getattr(importlib.import_module(module), func)(meta, state_dict)
-    raise UserError(f"unknown image tokenizer kind {kind!r} (known: dvae, vqgan, {', '.join(EXTERNAL_KINDS)})")
+    if kind not in TOKENIZERS:
+        raise UserError(f"unknown image tokenizer kind {kind!r} (known: {', '.join(TOKENIZERS)})")
+    try:
+        return TOKENIZERS[kind].from_checkpoint(meta, state_dict)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"not a usable {kind} checkpoint config ({e})") from None
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not match its {kind} config: {str(e).splitlines()[0]}") from None
 
 
 def load_image_tokenizer(path: str | os.PathLike, yaml_path: str | os.PathLike | None = None,

@@ -19,11 +19,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from form_data.cli import UserError
 from form_data.datasets import collate, default_transform, open_dataset
-from form_data.fileio import atomic_path, ensure_writable_dir
-from train_runtime.distributed import resolve_device
 from vae_train.load import load_image_tokenizer
+from zh_t2i_base.cli import UserError, user_errors
+from zh_t2i_base.device import resolve_device
+from zh_t2i_base.fileio import atomic_path, ensure_writable_dir
 
 
 class _Strict(Dataset):
@@ -65,7 +65,8 @@ def tokenize(tokenizer: str, data: str, out: str | os.PathLike, batch_size: int 
                 continue
             for flip in (False, True) if hflip else (False,):
                 pixels = batch["image"].flip(-1) if flip else batch["image"]
-                tokens.append(model.encode(pixels.to(dev)).to(torch.int32).cpu())
+                with user_errors(ValueError):  # e.g. a Styled-VQ without its codebook yet
+                    tokens.append(model.encode(pixels.to(dev)).to(torch.int32).cpu())
                 captions.extend(batch["caption"])
                 images.extend(int(i) for i in batch["index"])
                 flipped.extend([flip] * len(batch["caption"]))
@@ -75,7 +76,8 @@ def tokenize(tokenizer: str, data: str, out: str | os.PathLike, batch_size: int 
         "tokens": torch.cat(tokens), "captions": captions,
         "images": [str(ds.image_path(i)) if hasattr(ds, "image_path") else str(i) for i in images],
         "hflip": flipped,
-        "tokenizer": {"path": str(Path(tokenizer).resolve()), "yaml": str(Path(yaml_path).resolve()) if yaml_path else "",
+        "tokenizer": {"path": str(Path(tokenizer).resolve()),
+                      "yaml": str(Path(yaml_path).resolve()) if yaml_path else "",
                       "kind": type(model).__name__,
                       "num_tokens": int(model.num_tokens), "seq_len": int(model.seq_len),
                       "fmap_size": int(getattr(model, "fmap_size", 0) or 0), "image_size": int(model.image_size)},

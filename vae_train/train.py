@@ -13,14 +13,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from form_data.cli import UserError
 from form_data.datasets import collate, default_transform, open_dataset
 from train_runtime import RuntimeConfig, Task, Trainer
 from train_runtime.config import to_dict
-from train_runtime.trainer import save_image_grid
+from vae_train.dvae import DiscreteVAE, DVAEConfig
 from vae_train.evaluate import image_batches, reconstruction_metrics
-from vae_train.losses import VQGANLoss
-from vae_train.model import VQGAN, DiscreteVAE, DVAEConfig, VQGANConfig
+from vae_train.vqgan import VQGAN, VQGANConfig
+from vae_train.vqgan_loss import VQGANLoss
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.images import save_image_grid
 
 
 @dataclass
@@ -42,7 +43,7 @@ class VAEConfig:
     straight_through: bool = False
     kl_loss_weight: float = 0.0
     smooth_l1_loss: bool = False
-    activation: str = "relu"  # dVAE: relu (DALLE-pytorch) | leaky_relu (robust at high learning rates with --quantizer vq)
+    activation: str = "relu"  # dVAE: relu (DALLE-pytorch) | leaky_relu (robust at high lr with --quantizer vq)
     # VQGAN (taming architecture; the downsampling factor is 2**(len(ch_mult)-1))
     ch: int = 64
     ch_mult: tuple[int, ...] = (1, 2, 2, 4)

@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from form_data.cli import UserError
-
 
 @dataclass
 class StyledVQConfig:
@@ -114,7 +112,7 @@ PRESETS: dict[str, dict] = {
 def preset(name: str, **overrides) -> StyledVQConfig:
     """A named configuration, optionally with some fields changed."""
     if name not in PRESETS:
-        raise UserError(f"unknown Styled-VQ preset {name!r} (known: {', '.join(PRESETS)})")
+        raise ValueError(f"unknown Styled-VQ preset {name!r} (known: {', '.join(PRESETS)})")
     return StyledVQConfig(**{**PRESETS[name], **overrides})
 
 
@@ -389,6 +387,17 @@ class StyledVQ(nn.Module):
         self.codebook = nn.Parameter(torch.zeros(0, cfg.emb_dim), requires_grad=False)
 
     # -- protocol attributes -------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, meta: dict, state_dict: dict) -> StyledVQ:
+        """Rebuild a trained model from a checkpoint's ``meta`` (``{"kind": "styled_vq", "config": {...}}``) and its
+        weights (stage 1, or stage 2 with its codebook), in eval mode."""
+        model = cls(StyledVQConfig(**meta["config"]))
+        codebook = state_dict.get("codebook")
+        if codebook is not None and codebook.ndim == 2 and codebook.shape[0] > 0:
+            model.set_codebook(torch.zeros_like(codebook, dtype=torch.float32))
+        model.load_state_dict(state_dict, strict=True)
+        return model.eval()
+
     @property
     def num_tokens(self) -> int:
         return self.cfg.codebook_size
@@ -417,9 +426,9 @@ class StyledVQ(nn.Module):
     def set_codebook(self, centres: Tensor) -> None:
         """Install k-means centres [K, emb_dim]; ``cfg.codebook_size`` becomes K."""
         if centres.ndim != 2 or centres.shape[1] != self.cfg.emb_dim or centres.shape[0] < 1:
-            raise UserError(f"codebook must have shape [K, {self.cfg.emb_dim}], got {tuple(centres.shape)}")
+            raise ValueError(f"codebook must have shape [K, {self.cfg.emb_dim}], got {tuple(centres.shape)}")
         if not torch.isfinite(centres).all():
-            raise UserError("codebook holds NaN/inf values")
+            raise ValueError("codebook holds NaN/inf values")
         self.codebook = nn.Parameter(centres.detach().to(self.up_proj.weight.device, torch.float32).clone(),
                                      requires_grad=False)
         self.cfg = replace(self.cfg, codebook_size=int(centres.shape[0]))
@@ -455,7 +464,7 @@ class StyledVQ(nn.Module):
     # -- codebook ------------------------------------------------------------------------------------------------
     def _require_codebook(self) -> None:
         if not self.has_codebook:
-            raise UserError("this Styled-VQ model has no codebook yet (stage 1): build one with `python -m styled_vq "
+            raise ValueError("this Styled-VQ model has no codebook yet (stage 1): build one with `python -m styled_vq "
                             "kmeans` and attach it (`python -m styled_vq attach`) before encoding to indices")
 
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -513,21 +522,3 @@ def _check_images(images: Tensor, size: int) -> None:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def tokenizer_from_checkpoint(meta: dict, state_dict: dict) -> StyledVQ:
-    """Rebuild a trained model from a checkpoint's ``meta`` (``{"kind": "styled_vq", "config": {...}}``) and its
-    weights; used by ``vae_train.load.load_image_tokenizer``. Returns the model in eval mode."""
-    try:
-        cfg = StyledVQConfig(**meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"not a usable Styled-VQ checkpoint config ({e})") from None
-    model = StyledVQ(cfg)
-    codebook = state_dict.get("codebook")
-    if codebook is not None and codebook.ndim == 2 and codebook.shape[0] > 0:
-        model.set_codebook(torch.zeros_like(codebook, dtype=torch.float32))
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not match its Styled-VQ config: {str(e).splitlines()[0]}") from None
-    return model.eval()

@@ -1,7 +1,7 @@
 """The demo's per-step table: wall seconds of each step (``RUN/timings.tsv``), how much of it was process start-up
 (``RUN/startup/<step>.tsv``, written by every CLI process when ``$ZH_T2I_STARTUP_LOG`` is set: interpreter start and
 imports), and what the step would take on the slow CPU kind the demo is sized for (``RUN/calibration.json`` from
-``form_data calibrate``).
+``zh_t2i_demo calibrate``).
 
 Only the compute of compute-bound steps (training, tokenizing, generating, scoring) scales with the fp32 matmul rate:
 on a machine ``f = GFLOP/s / 35`` times faster than the slow kind it is multiplied by ``f``. Start-up and the data / I/O

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from form_data.cli import UserError
-from form_data.demo_steps import step_table
-from form_data.fileio import atomic_write, read_jsonl, write_json
-from form_data.judge import Judge, accuracy, score_dir
 from form_data.synth import parse_caption, parse_holdout
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import atomic_write, read_jsonl, write_json
+from zh_t2i_demo.judge import Judge, accuracy, score_dir
+from zh_t2i_demo.steps import step_table
 
 TARGETS = {  # metric -> (target, higher is better)
     "S1/psnr": (28.5, True),
@@ -91,7 +91,7 @@ def collect(run: str | os.PathLike, top_k: int = 4, holdout: str = "default", gr
     run = Path(run)
     held = set(parse_holdout(holdout))
     m: dict = {"machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    if (run / "calibration.json").is_file():  # where it ran (form_data calibrate): not a result, like machine and date
+    if (run / "calibration.json").is_file():  # where it ran (zh_t2i_demo calibrate): not a result, like the date
         m["calibration"] = _json(run / "calibration.json")
     vae = _json(run / "vae_eval.json")
     m["S1/psnr"], m["S1/codebook_usage"] = float(vae["psnr"]), float(vae["used_fraction"])
@@ -116,7 +116,8 @@ def collect(run: str | os.PathLike, top_k: int = 4, holdout: str = "default", gr
         both = [r["both"] for r in verdicts["images"]]
         want = parse_caption(verdicts["prompt"])
         gains = rerank_gain(both, [scores.get(f, float("-inf")) for f in files], top_k, group_size)
-        prompts.append({"name": folder.name, "prompt": verdicts["prompt"], "seen": (want["colour"], want["shape"]) not in held,
+        prompts.append({"name": folder.name, "prompt": verdicts["prompt"],
+                        "seen": (want["colour"], want["shape"]) not in held,
                         "n": len(files), "colour": verdicts["colour"], "shape": verdicts["shape"],
                         "both": verdicts["both"], "gains": gains, "images": verdicts["images"], "scores": scores})
     if not prompts:
@@ -167,7 +168,7 @@ def _curves(run: Path, assets: Path) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows if k in r]
-            ax.plot(*zip(*pts), label=k, marker="o" if len(pts) < 10 else None)
+            ax.plot(*zip(*pts, strict=True), label=k, marker="o" if len(pts) < 10 else None)
         ax.set_xlabel("step")
         ax.set_title(name)
         ax.legend(fontsize=7)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from typing_extensions import Self
 
-from form_data.cli import UserError
+from zh_t2i_base.cli import UserError
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:

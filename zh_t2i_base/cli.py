@@ -7,10 +7,11 @@ turns it into a single line on stderr and exit code 2. Anything else is a bug an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 EXIT_USER_ERROR = 2
@@ -67,6 +68,16 @@ _clock = _ImportClock() if os.environ.get(STARTUP_LOG_ENV) else None
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit code 2, never a traceback."""
+
+
+@contextlib.contextmanager
+def user_errors(*types: type[Exception]) -> Iterator[None]:
+    """Inside it, the exception types given (e.g. the ValueError a model file raises about its input) become a
+    :class:`UserError` with the same message. Use it around the one call that checks the user's input, no wider."""
+    try:
+        yield
+    except types as e:
+        raise UserError(str(e)) from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

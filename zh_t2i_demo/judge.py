@@ -6,8 +6,8 @@
   from the background, divided by its maximum (a soft foreground mask). An RGB classifier would learn colour as a
   shortcut for shape and fail on colour x shape combinations it never saw; this one cannot see colour at all.
 
-``python -m form_data judge train`` fits the shape classifier and reports its held-out accuracy on freshly rendered
-images of seen AND unseen combinations; ``python -m form_data judge score`` judges a folder of images.
+``python -m zh_t2i_demo judge train`` fits the shape classifier and reports its held-out accuracy on freshly rendered
+images of seen AND unseen combinations; ``python -m zh_t2i_demo judge score`` judges a folder of images.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from form_data.cli import UserError
-from form_data.fileio import load_torch
 from form_data.synth import COLOURS, SHAPES, all_combos, generate_split, parse_caption, render
+from zh_t2i_base.cli import UserError
+from zh_t2i_base.fileio import load_torch
 
 JUDGE_SIZE = 64  # every image is judged at this side
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
@@ -156,11 +156,11 @@ class Judge:
         return out
 
     def verdicts(self, images: Sequence[Image.Image | np.ndarray]) -> list[Verdict]:
-        return [Verdict(object_colour(im, self.size), s) for im, s in zip(images, self.shapes(images))]
+        return [Verdict(object_colour(im, self.size), s) for im, s in zip(images, self.shapes(images), strict=True)]
 
     # -- files ------------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        from form_data.fileio import atomic_path
+        from zh_t2i_base.fileio import atomic_path
 
         with atomic_path(path) as tmp:
             torch.save({"kind": "shape_judge", "shapes": list(SHAPES), "size": self.size,
@@ -171,7 +171,7 @@ class Judge:
         p = Path(path)
         if p.is_dir():
             p = p / "judge.pt"
-        obj = load_torch(p, "judge", " (train it with `python -m form_data judge train`)")
+        obj = load_torch(p, "judge", " (train it with `python -m zh_t2i_demo judge train`)")
         if not isinstance(obj, dict) or obj.get("kind") != "shape_judge" or obj.get("shapes") != list(SHAPES):
             raise UserError(f"{p}: not a shape judge of this toolkit's synthetic shapes")
         net = ShapeNet()
@@ -195,7 +195,7 @@ def accuracy(judge: Judge, images: Sequence[Image.Image], attrs: Sequence[dict])
     vs = judge.verdicts(images)
     out: dict[str, float] = {}
     for group, keep in (("all", lambda a: True), ("seen", lambda a: a["seen"]), ("unseen", lambda a: not a["seen"])):
-        rows = [(v, a) for v, a in zip(vs, attrs) if keep(a)]
+        rows = [(v, a) for v, a in zip(vs, attrs, strict=True) if keep(a)]
         if not rows:
             continue
         for what in ("colour", "shape"):
@@ -221,8 +221,8 @@ def train_judge(data: str | os.PathLike, out: str | os.PathLike, holdout: str = 
     brought to it as the models see them: a training step costs about a quarter of the compute (8.4 s against 21.7 s
     for 120 steps on an AVX2 CPU) at the same accuracy on a 32-px tokenizer's reconstructions (73% against 71%)."""
     from form_data.datasets import ResizeCenterCrop, open_dataset
-    from form_data.fileio import ensure_writable_dir, write_json, write_jsonl
     from form_data.synth import parse_holdout
+    from zh_t2i_base.fileio import ensure_writable_dir, write_json, write_jsonl
 
     held = parse_holdout(holdout)
     out = ensure_writable_dir(out)
@@ -271,7 +271,7 @@ def score_dir(judge: str | os.PathLike | Judge, folder: str | os.PathLike, promp
     with a verdict per image and the fractions correct."""
     import json
 
-    from form_data.fileio import write_json
+    from zh_t2i_base.fileio import write_json
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -288,7 +288,7 @@ def score_dir(judge: str | os.PathLike | Judge, folder: str | os.PathLike, promp
     paths = _numbered_images(folder, meta.get("n"))
     images = [Image.open(p).convert("RGB") for p in paths]
     rows = []
-    for p, v in zip(paths, judge.verdicts(images)):
+    for p, v in zip(paths, judge.verdicts(images), strict=True):
         rows.append({"file": p.name, "colour": v.colour, "shape": v.shape, **v.judge(prompt)})
     result = {"prompt": prompt, "n": len(rows), **{k: float(np.mean([r[k] for r in rows]))
                                                  for k in ("colour", "shape", "both")}, "images": rows}
