@@ -17,12 +17,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
+# one pytest worker per core, each test file whole on one worker (its module fixtures are built once)
+PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # the fast tier: everything but the end-to-end runs marked slow
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -31,6 +31,7 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_evaluate_script_end_to_end(checkpoint, tmp_path):
     """extract (jsonl from the cfg's DATASET.JSONPATH) + evaluate, chained by the script like the seed's test_xyb.sh;
     the features are the original code's (parity fixture) and the recalls those of the printed table."""
@@ -54,6 +55,7 @@ def test_evaluate_script_end_to_end(checkpoint, tmp_path):
     assert f"mean recall {want['mean_recall']:.2f}%" in result.stdout
 
 
+@pytest.mark.slow
 def test_extract_errors(cli, checkpoint, tmp_path):
     """Bad inputs stop before any output exists: one line, exit 2."""
     jsonl = tmp_path / "s.jsonl"

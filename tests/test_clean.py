@@ -183,35 +183,35 @@ def test_caption_with_newline_and_quotes_in_csv(tmp_path):
 
 # ---- CLI errors: one line, exit 2, nothing half-written ------------------------------------------------------------
 
-def test_cli_errors(tmp_path, cli):
+def test_cli_errors(tmp_path, cli, cli_fast):
     out = tmp_path / "out"
     msg = one_line_error(cli("-m", "form_data", "clean", str(tmp_path / "nope.csv"), "--out", str(out)))
     assert "not found" in msg and "nope.csv" in msg
 
     wrong = write_csv(tmp_path / "wrong.csv", [("http://h/1", "米饭")], header=("link", "text"))
-    msg = one_line_error(cli("-m", "form_data", "clean", str(wrong), "--out", str(out)))
+    msg = one_line_error(cli_fast("-m", "form_data", "clean", str(wrong), "--out", str(out)))
     assert "'url'" in msg and "link" in msg and "text" in msg
 
     empty = tmp_path / "empty.csv"
     empty.write_text("", encoding="utf-8")
-    assert "empty" in one_line_error(cli("-m", "form_data", "clean", str(empty), "--out", str(out)))
+    assert "empty" in one_line_error(cli_fast("-m", "form_data", "clean", str(empty), "--out", str(out)))
     header_only = write_csv(tmp_path / "header.csv", [])
-    assert "no rows" in one_line_error(cli("-m", "form_data", "clean", str(header_only), "--out", str(out)))
+    assert "no rows" in one_line_error(cli_fast("-m", "form_data", "clean", str(header_only), "--out", str(out)))
 
     bad = tmp_path / "bad.csv"
     bad.write_bytes("url,caption\nhttp://h/1,米饭\nhttp://h/2,".encode() + b"\xff\xfe\xfa" + b"\n")
-    msg = one_line_error(cli("-m", "form_data", "clean", str(bad), "--out", str(out)))
+    msg = one_line_error(cli_fast("-m", "form_data", "clean", str(bad), "--out", str(out)))
     assert "bad.csv:3" in msg and "UTF-8" in msg
 
     good = write_csv(tmp_path / "good.csv", [("http://h/1", "米饭")])
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    msg = one_line_error(cli("-m", "form_data", "clean", str(good), "--out", str(blocker / "sub")))
+    msg = one_line_error(cli_fast("-m", "form_data", "clean", str(good), "--out", str(blocker / "sub")))
     assert "cannot write" in msg
 
     assert "--val-fraction" in one_line_error(
-        cli("-m", "form_data", "clean", str(good), "--out", str(out), "--val-fraction", "1.5"))
-    assert "invalid" in one_line_error(cli("-m", "form_data", "clean", str(good), "--out", str(out),
+        cli_fast("-m", "form_data", "clean", str(good), "--out", str(out), "--val-fraction", "1.5"))
+    assert "invalid" in one_line_error(cli_fast("-m", "form_data", "clean", str(good), "--out", str(out),
                                             "--seed", "abc"))
     assert not out.exists() or not any(out.iterdir()), "a failed run left files behind"
 

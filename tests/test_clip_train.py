@@ -57,6 +57,7 @@ def runs(data, tmp_path_factory) -> dict:
     return {"untrained": untrained, "trained": trained, "dir": out / "trained"}
 
 
+@pytest.mark.slow
 def test_training_lifts_recall_by_a_stated_margin(runs):
     before, after = runs["untrained"]["eval"], runs["trained"]["eval"]
     # stated margin: +30 points of attribute-level R@1 in both directions, and strict mean recall up too
@@ -70,6 +71,7 @@ def test_training_lifts_recall_by_a_stated_margin(runs):
     assert all(r["logit_scale"] <= 100.0 for r in rows if "logit_scale" in r)
 
 
+@pytest.mark.slow
 def test_clip_scorer_ranks_the_matching_image_first(runs, data):
     rows = [r for r in synth.iter_attributes(data / "attributes.jsonl") if r["split"] == "val"]
     scorer = make_scorer(f"clip:{runs['dir']}", device="cpu", batch_size=4)
@@ -85,6 +87,7 @@ def test_clip_scorer_ranks_the_matching_image_first(runs, data):
     assert wins >= 0.9 * pairs, f"{wins}/{pairs}"
 
 
+@pytest.mark.slow
 def test_batched_scores_equal_one_by_one(runs, data):
     paths = sorted((data / "val" / "00000").glob("*.png"))[:7]
     images = [Image.open(p).convert("RGB") for p in paths]
@@ -94,6 +97,7 @@ def test_batched_scores_equal_one_by_one(runs, data):
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scorer_fast_tower_gives_the_plain_models_scores(runs, data):
     """The scorer folds the ResNet's BatchNorms into its convs and runs channels-last in CPU micro-batches: same
     scores as open_clip's model as loaded, one image at a time; bf16 autocast moves them only a little."""
@@ -120,6 +124,7 @@ def test_scorer_fast_tower_gives_the_plain_models_scores(runs, data):
         make_scorer(f"clip:{runs['dir']}", device="cpu", precision="int8")
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_through_open_clip(runs):
     run_dir = runs["dir"]
     ours = load_clip(run_dir)
@@ -142,6 +147,7 @@ def test_checkpoint_round_trip_through_open_clip(runs):
         assert not torch.allclose(mid.encode_text(text), want_txt)
 
 
+@pytest.mark.slow
 def test_eval_command_reproduces_the_final_evaluation(runs, data, tmp_path, capsys):
     from clip_train.__main__ import main
 
@@ -231,6 +237,7 @@ def test_hf_text_tower_from_a_local_directory(data, tmp_path):
     assert scores.shape == (2,) and np.isfinite(scores).all()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_with_gathered_loss(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--model", "zh-tiny", "--image-size", "32", "--vocab", str(data / "vocab.txt"),
@@ -246,6 +253,7 @@ def test_torchrun_two_processes_with_gathered_loss(data, tmp_path):
     assert result["eval"]["num_samples"] == 96 and np.isfinite(result["train"]["loss/model"])
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(data, tmp_path, cli):
     r = cli("-m", "clip_train", "--train-data", str(data / "train_clip.csv"), "--vocab", str(data / "vocab.txt"),
             "--model", "NoSuchNet", "--out-dir", str(tmp_path / "run"))

@@ -143,6 +143,7 @@ def trained(pipeline) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_training_on_synthetic_set_lowers_image_ce(trained, pipeline):
     bundle = load_dalle(trained, "cpu")
     torch.manual_seed(0)
@@ -159,6 +160,7 @@ def test_training_on_synthetic_set_lowers_image_ce(trained, pipeline):
     assert meta["text_tokenizer"]["vocab_size"] == load_tokenizer(pipeline["vocab"]).vocab_size
 
 
+@pytest.mark.slow
 def test_generate_api_reproducible_and_truncates_long_text(trained):
     bundle = load_dalle(trained, "cpu")
     a = generate(bundle, "一个大的红色圆形", 3, seed=7, batch_size=2)
@@ -171,6 +173,7 @@ def test_generate_api_reproducible_and_truncates_long_text(trained):
     assert long.truncated
 
 
+@pytest.mark.slow
 def test_dalle_gen_end_to_end(trained, tmp_path, cli):
     out = tmp_path / "gen"
     r = cli("dalle_gen.py", "一个大的红色圆形", "5", str(out), "--checkpoint", str(trained), "--batch-size", "2",
@@ -188,6 +191,7 @@ def test_dalle_gen_end_to_end(trained, tmp_path, cli):
     assert r.returncode == 0 and "truncated" in r.stderr
 
 
+@pytest.mark.slow
 def test_dalle_gen_prompt_file_is_one_run_per_line(trained, tmp_path, cli):
     """``@FILE``: prompt i -> DIR/p{i} with seeds seed + 1000 i + j, the same images as one call per prompt."""
     prompts = tmp_path / "prompts.txt"
@@ -213,36 +217,39 @@ def test_dalle_gen_prompt_file_is_one_run_per_line(trained, tmp_path, cli):
     assert not (tmp_path / "e").exists()
 
 
-def test_dalle_gen_bad_inputs_exit_2(trained, tmp_path, cli, pipeline):
-    ck = str(trained)
+@pytest.mark.slow
+def test_dalle_gen_bad_inputs_exit_2(trained, tmp_path, cli, cli_fast, pipeline):
+    ck, fast = str(trained), cli_fast  # one real process below; the rest in-process
     assert "not found" in one_line_error(cli("dalle_gen.py", "红色", "2", str(tmp_path / "a"), "--checkpoint",
                                              str(tmp_path / "missing")))
-    assert "N must be >= 1" in one_line_error(cli("dalle_gen.py", "红色", "0", str(tmp_path / "b"), "--checkpoint", ck))
+    assert "N must be >= 1" in one_line_error(fast("dalle_gen.py", "红色", "0", str(tmp_path / "b"),
+                                                   "--checkpoint", ck))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert "cannot write" in one_line_error(cli("dalle_gen.py", "红色", "1", str(blocker / "sub"), "--checkpoint", ck))
+    assert "cannot write" in one_line_error(fast("dalle_gen.py", "红色", "1", str(blocker / "sub"), "--checkpoint", ck))
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n红\n色\n圆\n形\n")
-    assert "vocab mismatch" in one_line_error(cli("dalle_gen.py", "红色", "1", str(tmp_path / "c"), "--checkpoint", ck,
+    assert "vocab mismatch" in one_line_error(fast("dalle_gen.py", "红色", "1", str(tmp_path / "c"), "--checkpoint", ck,
                                                   "--vocab", str(vocab)))
-    r = cli("dalle_gen.py", "红色", "1", str(tmp_path / "c2"), "--checkpoint", ck, "--vocab", str(pipeline["vocab"]),
+    r = fast("dalle_gen.py", "红色", "1", str(tmp_path / "c2"), "--checkpoint", ck, "--vocab", str(pipeline["vocab"]),
             "--quiet")
     assert r.returncode == 0, r.stderr  # the right vocab passes the check
     not_ckpt = tmp_path / "ckpt-00000001.pt"
     not_ckpt.write_bytes(b"garbage")
-    assert "not a loadable checkpoint" in one_line_error(cli("dalle_gen.py", "红色", "1", str(tmp_path / "d"),
+    assert "not a loadable checkpoint" in one_line_error(fast("dalle_gen.py", "红色", "1", str(tmp_path / "d"),
                                                              "--checkpoint", str(not_ckpt)))
-    assert "filter-thres" in one_line_error(cli("dalle_gen.py", "红色", "1", str(tmp_path / "e"), "--checkpoint", ck,
+    assert "filter-thres" in one_line_error(fast("dalle_gen.py", "红色", "1", str(tmp_path / "e"), "--checkpoint", ck,
                                                 "--filter-thres", "1.5"))
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
 
 
-def test_train_cli_errors_and_on_the_fly_encoding(pipeline, tmp_path, cli):
+@pytest.mark.slow
+def test_train_cli_errors_and_on_the_fly_encoding(pipeline, tmp_path, cli, cli_fast):
     r = cli("-m", "dalle_train", "--train-data", str(tmp_path / "nope.pt"))
     assert "not found" in one_line_error(r)
-    r = cli("-m", "dalle_train", "--train-data", str(pipeline["root"] / "data" / "train_clip.csv"))
+    r = cli_fast("-m", "dalle_train", "--train-data", str(pipeline["root"] / "data" / "train_clip.csv"))
     assert "--image-tokenizer" in one_line_error(r)
-    r = cli("-m", "dalle_train", "--train-data", str(pipeline["train"]), "--null-cond-prob", "1.5")
+    r = cli_fast("-m", "dalle_train", "--train-data", str(pipeline["train"]), "--null-cond-prob", "1.5")
     assert "null-cond-prob" in one_line_error(r)
     # on-the-fly encoding: image split + tokenizer, a few steps
     out = tmp_path / "otf"

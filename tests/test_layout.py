@@ -145,3 +145,29 @@ def test_inference_imports_no_training_module_at_run_time():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_no_module_import_cycles():
+    """No two modules of ours import each other, directly or round a loop, lazily or not (a package's
+    ``__init__`` aside: ``from pkg import module`` names it without depending on it)."""
+    graph = {}
+    for package in ALLOWED:
+        for path in source_files(package):
+            graph[module_name(path)] = {n for n in imported_names(path) if n.split(".")[0] in ALLOWED
+                                        and (f := module_file(n)) is not None and f.name != "__init__.py"}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m: str, trail: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                cycles.append(" -> ".join(trail[trail.index(n):] + [m, n]) if n in trail else f"{m} -> {n}")
+            elif n in graph and not state.get(n):
+                visit(n, trail + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if not state.get(m):
+            visit(m, [])
+    assert not cycles, "\n".join(cycles)

@@ -6,9 +6,12 @@ import os
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # an end-to-end run
 
 
 def test_dealdata_notebook_runs(tmp_path, monkeypatch):

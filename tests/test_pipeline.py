@@ -31,6 +31,7 @@ def pipeline(tmp_path_factory):
     return root, expected, report, dl
 
 
+@pytest.mark.slow
 def test_raw_csv_rows_break_each_cleaning_rule(pipeline):
     _, expected, report, _ = pipeline
     for rule in ("too_long", "bad_char", "long_piece", "no_keyword"):
@@ -41,6 +42,7 @@ def test_raw_csv_rows_break_each_cleaning_rule(pipeline):
     assert report.kept == expected["good_rows"] + sum(expected[k] for k in image_kinds)
 
 
+@pytest.mark.slow
 def test_download_counts_each_failure(pipeline):
     root, expected, _report, dl = pipeline
     failures: dict[str, int] = {}
@@ -57,6 +59,7 @@ def test_download_counts_each_failure(pipeline):
     assert report["splits"]["train"]["ok"] == dl["splits"]["train"]["ok"]
 
 
+@pytest.mark.slow
 def test_download_shrinks_large_images_to_fit_512(pipeline):
     root, *_ = pipeline
     sizes = []
@@ -68,6 +71,7 @@ def test_download_shrinks_large_images_to_fit_512(pipeline):
     assert sizes and all(s == (512, 410) for s in sizes), sizes  # 700x560 -> fit in 512, aspect kept
 
 
+@pytest.mark.slow
 def test_download_is_resumable(pipeline, tmp_path):
     root, *_ = pipeline
     before = sorted(p.name for p in (root / "dl/train").rglob("*.png"))
@@ -77,6 +81,7 @@ def test_download_is_resumable(pipeline, tmp_path):
     assert sorted(p.name for p in (root / "dl/train").rglob("*.png")) == before
 
 
+@pytest.mark.slow
 def test_export_formats_relative_paths_and_idempotency(pipeline):
     root, _, _report, dl = pipeline
     out = root / "dl"
@@ -108,6 +113,7 @@ def test_export_formats_relative_paths_and_idempotency(pipeline):
     assert sorted((out / "wds").glob("train-*.tar")) == shards
 
 
+@pytest.mark.slow
 def test_export_to_another_dir_keeps_paths_relative(pipeline, tmp_path):
     root, *_ = pipeline
     export(root / "dl", tmp_path / "exports", splits=("val",), progress=False)
@@ -169,28 +175,29 @@ def test_holdout_spec():
         synth.parse_holdout("红:方块")
 
 
-def test_cli_errors_download_export_synth(tmp_path, cli):
+def test_cli_errors_download_export_synth(tmp_path, cli, cli_fast):
     assert "split file not found" in one_line_error(
         cli("-m", "form_data", "download", str(tmp_path / "nope"), "--out", str(tmp_path / "o")))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad/train.csv").write_text("link,text\nhttp://x,米饭\n", encoding="utf-8")
     (tmp_path / "bad/val.csv").write_text("url,caption\n", encoding="utf-8")
     assert "expected header url,caption" in one_line_error(
-        cli("-m", "form_data", "download", str(tmp_path / "bad"), "--out", str(tmp_path / "o")))
-    assert "download directory not found" in one_line_error(cli("-m", "form_data", "export", str(tmp_path / "x")))
-    assert "none of the split folders" in one_line_error(cli("-m", "form_data", "export", str(tmp_path / "bad")))
+        cli_fast("-m", "form_data", "download", str(tmp_path / "bad"), "--out", str(tmp_path / "o")))
+    assert "download directory not found" in one_line_error(cli_fast("-m", "form_data", "export", str(tmp_path / "x")))
+    assert "none of the split folders" in one_line_error(cli_fast("-m", "form_data", "export", str(tmp_path / "bad")))
     assert "--image-size" in one_line_error(
-        cli("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--image-size", "1000"))
-    assert "--base-url" in one_line_error(cli("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--raw"))
-    assert "invalid choice" in one_line_error(cli("-m", "form_data", "frobnicate"))
+        cli_fast("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--image-size", "1000"))
+    assert "--base-url" in one_line_error(cli_fast("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--raw"))
+    assert "invalid choice" in one_line_error(cli_fast("-m", "form_data", "frobnicate"))
     assert "must be an integer >= 1" in one_line_error(
-        cli("-m", "form_data", "export", str(tmp_path), "--shard-size", "0"))
+        cli_fast("-m", "form_data", "export", str(tmp_path), "--shard-size", "0"))
     assert "must be an integer >= 1" in one_line_error(
-        cli("-m", "form_data", "download", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "0"))
-    r = cli("-m", "form_data", "clean", "--help")
+        cli_fast("-m", "form_data", "download", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "0"))
+    r = cli_fast("-m", "form_data", "clean", "--help")
     assert r.returncode == 0 and "--keywords" in r.stdout and "default" in r.stdout
 
 
+@pytest.mark.slow
 def test_export_attributes_cover_every_downloaded_sample(pipeline, tmp_path):
     """Every image the download kept (the large ones too) has its ground truth, and its caption states it."""
     root, expected, *_ = pipeline

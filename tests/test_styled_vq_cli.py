@@ -24,6 +24,7 @@ SMALL = ["--image-size", "16", "--patch-size", "4", "--width", "32", "--heads", 
 FIXTURE = REPO / "tests" / "fixtures" / "styled_vq_orig"
 
 
+@pytest.mark.slow
 def test_pipeline_through_the_cli(tmp_path, cli, capsys):
     data = tmp_path / "data"
     synth.write_dataset(data, n_train=48, n_val=16, image_size=16, progress=False)

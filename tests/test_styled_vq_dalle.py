@@ -12,6 +12,8 @@ from dalle_train.generate import load_dalle
 from form_data import synth
 from form_data.tokenizer import build_vocab, read_captions
 
+pytestmark = pytest.mark.slow  # an end-to-end run
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:

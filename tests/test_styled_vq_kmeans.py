@@ -67,6 +67,7 @@ def _shard(path, feats: torch.Tensor) -> str:
     return path.name
 
 
+@pytest.mark.slow
 def test_torchrun_unequal_shards_equal_one_process(tmp_path, cli):
     # tokens [N, T=2, E=3] in shards of 4, 300 and 37 images: the ranks hold 608 and 74 vectors, so the original's
     # unweighted average of per-rank means would be far off (and NaN for a cluster with no member on a rank)

@@ -56,6 +56,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss/model"] for r in rows if "loss/model" in r}
 
 
+@pytest.mark.slow
 def test_dvae_training_raises_psnr(data, tmp_path):
     vc = VAEConfig(model="dvae", train_data=str(data / "train_clip.csv"), val_data=str(data / "train_clip.csv"),
                    image_size=16, num_layers=2, hidden_dim=32, num_resnet_blocks=1, num_tokens=128, emb_dim=32,
@@ -70,6 +71,7 @@ def test_dvae_training_raises_psnr(data, tmp_path):
     assert (tmp_path / "run" / "recon_latest.png").stat().st_size > 100
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_reproduces_losses(data, tmp_path):
     args = [*TINY, "--train-data", str(data / "train_clip.csv"), "--max-steps", "40", "--save-every", "8"]
     full = run_vae(*args, "--out-dir", str(tmp_path / "full"))
@@ -88,6 +90,7 @@ def test_kill9_then_resume_reproduces_losses(data, tmp_path):
     assert a == b
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     proc = run_vae(*TINY, "--train-data", str(data / "train_clip.csv"), "--max-steps", "100000",
                    "--save-every", "100000", "--out-dir", str(tmp_path))
@@ -102,6 +105,7 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     assert len(saved) == 1 and ckpt_files.load(saved[0])["step"] >= 3
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_keep_identical_parameters(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -132,6 +136,7 @@ def test_broken_images_do_not_stop_training(data, tmp_path):
     assert result["train"]["skipped_images"] > 0
 
 
+@pytest.mark.slow
 def test_tokenize_eval_and_loading_any_form(data, tmp_path):
     run = tmp_path / "run"
     proc = run_vae(*TINY, "--train-data", str(data / "train_clip.csv"), "--val-data", str(data / "val_clip.csv"),
@@ -189,7 +194,7 @@ def test_load_image_tokenizer_taming_pair_and_errors(tmp_path):
         load_image_tokenizer(bad)
 
 
-def test_cli_bad_input_is_one_line_exit_2(data, tmp_path, cli):
+def test_cli_bad_input_is_one_line_exit_2(data, tmp_path, cli, cli_fast):
     train_csv = str(data / "train_clip.csv")
     cases = [
         (["--model", "foo", "--train-data", train_csv], "--model must be dvae or vqgan"),
@@ -208,10 +213,11 @@ def test_cli_bad_input_is_one_line_exit_2(data, tmp_path, cli):
         (["tokenize", "--tokenizer", str(tmp_path / "none"), "--data", train_csv, "--out", str(tmp_path / "t.pt")],
          "not found"),
     ]
-    for args, needle in cases:
-        r = cli("-m", "vae_train", *args, "--out-dir", str(tmp_path / "o")) if args[0] not in ("tokenize", "eval") \
-            else cli("-m", "vae_train", *args)
+    for i, (args, needle) in enumerate(cases):
+        run = cli if i == 0 else cli_fast  # one real process; the rest in-process (the same main, the same wrapper)
+        r = run("-m", "vae_train", *args, "--out-dir", str(tmp_path / "o")) if args[0] not in ("tokenize", "eval") \
+            else run("-m", "vae_train", *args)
         assert needle in one_line_error(r), (args, r.stderr)
     assert not (tmp_path / "t.pt").exists()
-    r = cli("-m", "vae_train", "--help")
+    r = cli_fast("-m", "vae_train", "--help")
     assert r.returncode == 0 and "--num-tokens" in r.stdout and "--num_tokens" in r.stdout and "--resume" in r.stdout

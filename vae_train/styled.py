@@ -415,7 +415,7 @@ class StyledVQ(nn.Module):
         return self.codebook.shape[0] > 0
 
     def checkpoint_meta(self) -> dict:
-        """What rebuilds this model from its weights (see :func:`tokenizer_from_checkpoint`)."""
+        """What rebuilds this model from its weights (see :meth:`from_checkpoint`)."""
         return {"kind": "styled_vq", "config": self.cfg.to_dict(), "stage": 2 if self.has_codebook else 1,
                 "image_size": self.cfg.image_size}
 
