@@ -9,6 +9,7 @@ Formats (every image path inside a listing is resolved relative to the directory
 - :class:`CsvImageText`      - open_clip CSV, tab-separated, header ``title<TAB>filepath`` (names configurable);
 - :class:`JsonlImageText`    - DALLE JSONL ``{"image_path", "sentences"}`` or BriVL JSONL ``{"image_id", "sentences":
   [["sur_text", caption], ...]}``, told apart by their keys;
+- :class:`JsonImageList`      - a JSON list of image paths (Styled-VQ's original format; no captions);
 - :class:`ImageFolderDataset` - every image under a folder, caption from a sibling ``<stem>.txt`` (else ``""``);
 - :class:`WebDatasetShards`  - webdataset tar shards (``KEY.jpg`` + ``KEY.txt`` [+ ``KEY.json``]), read with
   ``tarfile``.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import json
 import logging
 import os
 import random
@@ -485,6 +487,23 @@ class JsonlImageText(_ListedImages):
             paths.append(str(row[key]))
             captions.append(text(row["sentences"]))
         super().__init__(p.parent, paths, captions, str(p), transform, image_size, cache)
+
+
+class JsonImageList(_ListedImages):
+    """Styled-VQ's original training data format: a JSON file holding a flat list of image paths (absolute, or
+    relative to the file's directory). Captions are empty."""
+
+    def __init__(self, path: str | os.PathLike, transform=None, image_size: int = 256):
+        p = _listing(path)
+        try:
+            paths = json.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise utf8_error(p) from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}: not valid JSON ({e})") from None
+        if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
+            raise UserError(f"{p}: expected a JSON list of image paths")
+        super().__init__(p.parent, paths, None, str(p), transform, image_size)
 
 
 class ImageFolderDataset(_ListedImages):
