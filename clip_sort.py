@@ -1,8 +1,10 @@
 """``python clip_sort.py TEXT N DIR``: rerank the images ``dalle_gen.py`` wrote (``DIR/{i}.png|jpg``, i < N) by how
 well they match TEXT.
 
-Prints a ranking table and writes ``DIR/ranking.json`` (file, score, rank for every image), ``DIR/top/`` (the top-k
-copied in rank order as ``{rank}_{file}``) and ``DIR/ranked_grid.png`` (all images in rank order, score under each).
+Prints a ranking table and writes ``DIR/ranking.json`` (file, score, rank for every image; the unreadable ones, skipped,
+under "skipped"), ``DIR/top/`` (the top-k copied in rank order as ``{rank}_{file}``) and ``DIR/ranked_grid.png`` (the
+best 64 in rank order, score under each). Images are read and scored a chunk at a time, in memory that does not grow
+with N.
 ``TEXT`` may be ``@FILE`` (one prompt per line): prompt i ranks ``DIR/p{i}/``, as ``dalle_gen.py @FILE N DIR`` wrote
 them, with one scorer load for all.
 
@@ -14,8 +16,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from zh_t2i_base.cli import ArgumentParser, expand_prompts, positive_int, run
 from zh_t2i_base.precision import PRECISIONS
@@ -47,7 +47,7 @@ def parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from zh_t2i_base.fileio import ensure_writable_dir
-    from zh_t2i_rerank.outputs import find_images, load_images, write_outputs
+    from zh_t2i_rerank.outputs import find_images, score_images, write_outputs
     from zh_t2i_rerank.registry import make_scorer, split_spec
 
     split_spec(a.scorer)  # an unknown scorer fails before any image is read
@@ -57,16 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     scorer = make_scorer(a.scorer, device=a.device, batch_size=a.batch_size, trust_checkpoint=a.trust_checkpoint,
                          precision=a.precision)
     for text, directory, paths in jobs:
-        images = load_images(paths)
-        scores = np.asarray(scorer.score(text, images), dtype=np.float64)
-        if scores.shape != (len(images),) or not np.isfinite(scores).all():
-            raise RuntimeError(f"scorer {a.scorer} returned {scores.shape} scores for {len(images)} images: {scores}")
-        ranking = write_outputs(directory, text, a.scorer, paths, images, scores, a.top_k)
+        scored, scores, skipped = score_images(scorer, text, paths, chunk=max(256, a.batch_size))
+        ranking = write_outputs(directory, text, a.scorer, scored, scores, a.top_k, skipped)
         if len(jobs) > 1:
             print(f"{directory}: {text}")
         print(f"{'rank':>4}  {'score':>9}  file")
         for row in ranking:
             print(f"{row['rank']:>4}  {row['score']:>9.4f}  {row['file']}")
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable image(s): {', '.join(p.name for p in skipped[:5])}"
+                  f"{', ...' if len(skipped) > 5 else ''}")
         print(f"wrote {directory}/ranking.json, {directory}/top/ (top {min(a.top_k, len(ranking))}), "
               f"{directory}/ranked_grid.png", flush=True)
     return 0

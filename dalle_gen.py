@@ -3,10 +3,12 @@
 ``TEXT`` may be ``@FILE``: one prompt per line, prompt i written to ``DIR/p{i}/`` with seeds ``--seed + 1000 i + j``,
 all in one process (one start-up and one model load for every prompt).
 
-Writes ``DIR/{i}.png`` (``--format jpg`` for the seed's ``{i}.jpg``), ``DIR/grid.png`` and ``DIR/meta.json`` (prompt,
-settings, per-image seeds, checkpoint). Sampling is batched and KV-cached; ``--cond-scale`` > 1 uses classifier-free
-guidance (the model must have been trained with ``--null-cond-prob`` > 0); ``--top-k`` / ``--filter-thres`` act on the
-image vocabulary only. Then rerank with ``python clip_sort.py TEXT N DIR``.
+Writes ``DIR/{i}.png`` (``--format jpg`` for the seed's ``{i}.jpg``) batch by batch as they are made, in memory that
+does not grow with N; at the end ``DIR/grid.png`` (the first 64) and ``DIR/meta.json`` (prompt, settings, every
+image's seed, checkpoint). Rerunning the same command resumes: images already there are kept. A DIR holding another
+run's images is refused unless ``--overwrite``. Sampling is batched and KV-cached; ``--cond-scale`` > 1 uses
+classifier-free guidance (the model must have been trained with ``--null-cond-prob`` > 0); ``--top-k`` /
+``--filter-thres`` act on the image vocabulary only. Then rerank with ``python clip_sort.py TEXT N DIR``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from zh_t2i_base.cli import (
     ArgumentParser,
     UserError,
     expand_prompts,
+    finite_float,
     int_at_least,
     positive_int,
     run,
@@ -37,10 +40,11 @@ def parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32, help="images sampled together")
     k = p.add_mutually_exclusive_group()
     k.add_argument("--top-k", type=positive_int, help="sample among the k most likely image tokens")
-    k.add_argument("--filter-thres", type=float, help="keep the top (1 - thres) fraction of the image vocabulary "
-                                                       "(default 0.9 when --top-k is not given)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    k.add_argument("--filter-thres", type=finite_float(0.0),
+                   help="keep the top (1 - thres) fraction of the image vocabulary (default 0.9 when --top-k is not "
+                        "given)")
+    p.add_argument("--temperature", type=finite_float(0.0), default=1.0)
+    p.add_argument("--cond-scale", type=finite_float(), default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="image i uses seed + i")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--format", choices=("png", "jpg"), default="png")
@@ -48,6 +52,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--image-tokenizer", help="the image tokenizer, if it moved since training")
     p.add_argument("--image-tokenizer-yaml", help="taming model.yaml (with a taming .ckpt)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickle for a taming .ckpt")
+    p.add_argument("--overwrite", action="store_true", help="replace the images of another run in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -59,31 +64,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     filter_thres = a.filter_thres if a.filter_thres is not None or a.top_k is not None else 0.9
     if filter_thres is not None and not 0.0 <= filter_thres < 1.0:
         raise UserError(f"--filter-thres must be in [0, 1), got {filter_thres}")
-    if a.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {a.temperature}")
-    from dalle_train.generate import generate, load_dalle, settings_dict, write_outputs
+    from dalle_train.generate import check_output_dir, load_dalle, settings_dict, write_images
     from zh_t2i_base.fileio import ensure_writable_dir
 
     jobs = expand_prompts(a.text, a.dir)
-    for _, out in jobs:
+    for text, out in jobs:
+        if not text.strip():
+            raise UserError("the text is empty")
         ensure_writable_dir(out)  # fail before loading anything
     bundle = load_dalle(a.checkpoint, a.device, a.vocab, a.image_tokenizer, a.image_tokenizer_yaml,
                         a.trust_checkpoint)
-    for i, (text, out) in enumerate(jobs):
-        seed = a.seed + PROMPT_SEED_STRIDE * i
+    runs = []
+    for i, (text, out) in enumerate(jobs):  # every DIR checked before any image is made
         settings = settings_dict(bundle, batch_size=a.batch_size, top_k=a.top_k, filter_thres=filter_thres,
-                                 temperature=a.temperature, cond_scale=a.cond_scale, seed=seed)
+                                 temperature=a.temperature, cond_scale=a.cond_scale,
+                                 seed=a.seed + PROMPT_SEED_STRIDE * i)
+        runs.append((text, check_output_dir(out, text, bundle.checkpoint, settings, a.format, a.overwrite), settings))
+    for text, out, settings in runs:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.formatwarning = lambda msg, *args, **kw: f"dalle_gen.py: warning: {msg}\n"
-            gen = generate(bundle, text, a.n, seed=seed, batch_size=a.batch_size, top_k=a.top_k,
-                           filter_thres=filter_thres, temperature=a.temperature, cond_scale=a.cond_scale,
-                           progress=not a.quiet)
+            meta = write_images(bundle, text, a.n, out, settings, image_format=a.format, overwrite=a.overwrite,
+                                progress=not a.quiet)
         seconds = time.perf_counter() - t0
-        paths = write_outputs(gen, out, text, {**settings, "seconds": round(seconds, 3)}, bundle.checkpoint, a.format)
-        print(json.dumps({"dir": out, "images": len(paths), "seconds": round(seconds, 3),
-                          "images_per_s": round(len(paths) / max(seconds, 1e-9), 2)}, ensure_ascii=False), flush=True)
+        made = meta["n"] - meta["reused"]
+        print(json.dumps({"dir": str(out), "images": meta["n"], "made": made, "reused": meta["reused"],
+                          "seconds": round(seconds, 3), "images_per_s": round(made / max(seconds, 1e-9), 2)},
+                         ensure_ascii=False), flush=True)
     return 0
 
 

@@ -6,13 +6,18 @@ path (overridable when the tokenizer has moved).
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from dalle_train.model import DALLE, DALLEConfig
 from dalle_train.sample import sample_tokens, top_k_count
@@ -20,7 +25,7 @@ from form_data.tokenizer import ChineseTokenizer, load_tokenizer, tokenizer_from
 from zh_t2i_base import checkpoint as ckpt
 from zh_t2i_base.cli import UserError
 from zh_t2i_base.device import resolve_device
-from zh_t2i_base.fileio import StagedFiles, ensure_writable_dir, write_json
+from zh_t2i_base.fileio import atomic_path, ensure_writable_dir, write_json
 from zh_t2i_base.images import save_image_grid, to_pil
 
 
@@ -96,52 +101,145 @@ class Generation:
         return to_pil(self.images)
 
 
-def generate(bundle: DalleBundle, text: str, n: int, *, seed: int = 0, batch_size: int = 32, top_k: int | None = None,
-             filter_thres: float | None = None, temperature: float = 1.0, cond_scale: float = 1.0,
-             progress: bool = False) -> Generation:
-    """``n`` images for ``text``; image ``i`` uses seed ``seed + i`` (reproducible, independent of batch size)."""
-    if n < 1:
-        raise UserError(f"the number of images must be >= 1, got {n}")
+def encode_prompt(bundle: DalleBundle, text: str) -> tuple[torch.Tensor, bool]:
+    """(text ids [1, text_seq_len], truncated); warns when the text was cut to the model's text length."""
     if not text.strip():
         raise UserError("the text is empty")
     cfg = bundle.model.cfg
     ids, cut = bundle.text_tokenizer.encode(text, cfg.text_seq_len, return_truncated=True)
     if bool(cut[0]):
         warnings.warn(f"the text is longer than {cfg.text_seq_len} tokens; it was truncated to "
-                      f"{bundle.text_tokenizer.decode(ids[0])!r}", stacklevel=2)
-    seeds = [seed + i for i in range(n)]
-    try:
-        tokens = sample_tokens(bundle.model, ids, seeds, batch_size=batch_size, top_k=top_k,
-                               filter_thres=filter_thres, temperature=temperature, cond_scale=cond_scale,
-                               progress=progress)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    images = []
-    with torch.no_grad():
-        for lo in range(0, n, batch_size):
-            images.append(bundle.image_tokenizer.decode(tokens[lo:lo + batch_size].to(bundle.device)).float().cpu())
-    return Generation(torch.cat(images), seeds, ids[0], bool(cut[0]))
+                      f"{bundle.text_tokenizer.decode(ids[0])!r}", stacklevel=3)
+    return ids, bool(cut[0])
 
 
-def write_outputs(gen: Generation, out_dir: str | os.PathLike, text: str, settings: dict, checkpoint: Path,
-                  image_format: str = "png") -> list[Path]:
-    """``DIR/{i}.{png|jpg}``, ``DIR/grid.png`` and ``DIR/meta.json``, all or nothing (staged, then renamed)."""
+def generate_batches(bundle: DalleBundle, ids: torch.Tensor, indices: Iterable[int], *, seed: int = 0,
+                     batch_size: int = 32, top_k: int | None = None, filter_thres: float | None = None,
+                     temperature: float = 1.0, cond_scale: float = 1.0) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``(indices, images [b, 3, H, W] in [0, 1] on the CPU)`` batch by batch for the image indices asked for;
+    image ``i`` uses seed ``seed + i``, so it is the same image whatever the batch size or the other indices."""
+    it = iter(indices)
+    while chunk := list(itertools.islice(it, batch_size)):
+        try:
+            tokens = sample_tokens(bundle.model, ids, [seed + i for i in chunk], batch_size=len(chunk), top_k=top_k,
+                                   filter_thres=filter_thres, temperature=temperature, cond_scale=cond_scale)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        with torch.no_grad():
+            yield chunk, bundle.image_tokenizer.decode(tokens.to(bundle.device)).float().cpu()
+
+
+def generate(bundle: DalleBundle, text: str, n: int, *, seed: int = 0, batch_size: int = 32, top_k: int | None = None,
+             filter_thres: float | None = None, temperature: float = 1.0, cond_scale: float = 1.0,
+             progress: bool = False) -> Generation:
+    """``n`` images for ``text`` in memory; image ``i`` uses seed ``seed + i`` (reproducible, independent of batch
+    size). For many images use :func:`write_images`, which streams them to disk."""
+    if n < 1:
+        raise UserError(f"the number of images must be >= 1, got {n}")
+    ids, truncated = encode_prompt(bundle, text)
+    batches = generate_batches(bundle, ids, list(range(n)), seed=seed, batch_size=batch_size, top_k=top_k,
+                               filter_thres=filter_thres, temperature=temperature, cond_scale=cond_scale)
+    images = [imgs for _, imgs in tqdm(batches, total=-(-n // batch_size), desc="generating", unit="batch",
+                                         disable=not progress, leave=False)]
+    return Generation(torch.cat(images), [seed + i for i in range(n)], ids[0], truncated)
+
+
+GRID_MAX = 64  # images shown in DIR/grid.png (the first ones), whatever N is
+RUN_FILE = ".dalle_gen-run.json"  # written at the start, removed with meta.json's arrival: a run that can resume
+SAME_RUN_KEYS = ("top_k", "filter_thres", "temperature", "cond_scale", "seed", "top_k_resolved")
+
+
+def _image_files(out: Path) -> dict[int, Path]:
+    """``{i: DIR/{i}.png|jpg}`` of the images in ``out`` (one directory listing, whatever N is)."""
+    found = {}
+    with os.scandir(out) as it:
+        for entry in it:
+            stem, dot, ext = entry.name.partition(".")
+            if dot and ext in ("png", "jpg") and stem.isdigit() and not (stem.startswith("0") and stem != "0"):
+                found[int(stem)] = Path(entry.path)
+    return found
+
+
+def _run_record(text: str, checkpoint: Path, settings: dict, image_format: str) -> dict:
+    return {"prompt": text, "checkpoint": str(checkpoint), "format": image_format,
+            "settings": {k: settings.get(k) for k in SAME_RUN_KEYS}}
+
+
+def _previous_run(out: Path) -> dict | None:
+    for name in (RUN_FILE, "meta.json"):
+        p = out / name
+        if p.is_file():
+            try:
+                meta = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                raise UserError(f"{p}: unreadable; pass --overwrite to start {out} afresh") from None
+            if not isinstance(meta, dict):
+                raise UserError(f"{p}: not a dalle_gen.py record; pass --overwrite to start {out} afresh")
+            settings = meta.get("settings") or {}
+            return {"prompt": meta.get("prompt"), "checkpoint": meta.get("checkpoint"),
+                    "format": meta.get("format", "png"), "settings": {k: settings.get(k) for k in SAME_RUN_KEYS}}
+    return None
+
+
+def check_output_dir(out_dir: str | os.PathLike, text: str, checkpoint: Path, settings: dict, image_format: str,
+                     overwrite: bool) -> Path:
+    """The output directory, checked before any work: writable, and holding no other run's images unless
+    ``overwrite`` (a run with the same prompt, checkpoint and sampling settings is resumed)."""
     if image_format not in ("png", "jpg"):
         raise UserError(f"--format must be png or jpg, got {image_format!r}")
     out = ensure_writable_dir(out_dir)
-    paths = []
-    with StagedFiles() as st:
-        for i, img in enumerate(gen.pil()):
-            path = out / f"{i}.{image_format}"
-            img.save(st.path(path), format="PNG" if image_format == "png" else "JPEG", quality=95)
-            paths.append(path)
-        save_image_grid(gen.images, st.path(out / "grid.png"), nrow=min(8, len(paths)))
-        meta = {"prompt": text, "text_ids": gen.text_ids.tolist(), "truncated": gen.truncated, "n": len(paths),
-                "images": [p.name for p in paths], "seeds": gen.seeds, "checkpoint": str(checkpoint),
-                "settings": settings}
-        write_json(st.path(out / "meta.json"), meta)
-        st.commit()
-    return paths
+    before = _previous_run(out)
+    if before is not None and not overwrite and before != _run_record(text, checkpoint, settings, image_format):
+        raise UserError(f"{out} holds the images of another run (prompt {before['prompt']!r}, "
+                        f"{before['checkpoint']}); pass --overwrite to replace them, or choose another DIR")
+    if before is None and not overwrite and _image_files(out):
+        raise UserError(f"{out} holds images no dalle_gen.py run claims; pass --overwrite to replace them, or "
+                        f"choose another DIR")
+    return out
+
+
+def write_images(bundle: DalleBundle, text: str, n: int, out: Path, settings: dict, *, image_format: str = "png",
+                 overwrite: bool = False, progress: bool = False) -> dict:
+    """Generate ``DIR/{i}.{png|jpg}`` for i < n batch by batch, each image written (atomically) as it is made, in
+    memory that does not grow with n. A rerun of the same run skips the images already there; ``overwrite``
+    starts afresh. Images of this run at i >= n are removed. At the end ``DIR/grid.png`` (the first
+    :data:`GRID_MAX` images) and ``DIR/meta.json`` (every image's seed) are written, each atomically."""
+    if n < 1:
+        raise UserError(f"the number of images must be >= 1, got {n}")
+    ids, truncated = encode_prompt(bundle, text)
+    if overwrite:
+        for name in ("meta.json", RUN_FILE, "grid.png"):
+            (out / name).unlink(missing_ok=True)
+        for path in _image_files(out).values():
+            path.unlink()
+    write_json(out / RUN_FILE, _run_record(text, bundle.checkpoint, settings, image_format))
+    existing = _image_files(out)
+    for i, path in existing.items():
+        if i >= n or path.suffix != f".{image_format}":
+            path.unlink()
+    done = sum(1 for i, p in existing.items() if i < n and p.suffix == f".{image_format}")
+    todo = (i for i in range(n) if i not in existing or existing[i].suffix != f".{image_format}")  # lazy: any n
+    seed = settings.get("seed", 0)
+    bar = tqdm(total=n, initial=done, desc="images", unit="img", disable=not progress)
+    batches = generate_batches(bundle, ids, todo, seed=seed, batch_size=settings.get("batch_size", 32),
+                               top_k=settings.get("top_k"), filter_thres=settings.get("filter_thres"),
+                               temperature=settings.get("temperature", 1.0), cond_scale=settings.get("cond_scale", 1.0))
+    for chunk, images in batches:
+        for i, img in zip(chunk, to_pil(images), strict=True):
+            with atomic_path(out / f"{i}.{image_format}") as tmp:
+                img.save(tmp, format="PNG" if image_format == "png" else "JPEG", quality=95)
+        bar.update(len(chunk))
+    bar.close()
+    names = [f"{i}.{image_format}" for i in range(n)]
+    shown = torch.stack([torch.from_numpy(np.array(Image.open(out / name).convert("RGB"), dtype=np.uint8))
+                         .permute(2, 0, 1) for name in names[:GRID_MAX]]).float().div(255)
+    save_image_grid(shown, out / "grid.png", nrow=min(8, len(shown)))
+    meta = {"prompt": text, "text_ids": ids[0].tolist(), "truncated": truncated, "n": n, "format": image_format,
+            "images": names, "seeds": [seed + i for i in range(n)], "reused": done,
+            "checkpoint": str(bundle.checkpoint), "settings": settings}
+    write_json(out / "meta.json", meta)
+    (out / RUN_FILE).unlink(missing_ok=True)
+    return meta
 
 
 def settings_dict(bundle: DalleBundle, **kw) -> dict:

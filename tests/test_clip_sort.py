@@ -137,13 +137,33 @@ def test_bad_inputs_are_one_line_errors(cli, cli_fast, ckpt, gen_dir, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("missing_dir", "image directory not found"),
-    ("broken_image", "2.png: not a readable image"),
     ("brivl_paths", "none.yml"),
 ])
 def test_more_bad_inputs_raise_user_errors(ckpt, gen_dir, tmp_path, case, message):
     with pytest.raises(UserError, match=re.escape(message)):
         clip_sort.main(prepare(case, gen_dir, tmp_path, ckpt))
     assert not (gen_dir / "ranking.json").exists() and not (gen_dir / "top").exists()
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_skipped_counted_and_listed(ckpt, gen_dir, capsys):
+    (gen_dir / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (gen_dir / "4.png").write_bytes(b"")
+    assert clip_sort.main(["大红色圆形", "5", str(gen_dir), "--scorer", f"clip:{ckpt}", "--device", "cpu"]) == 0
+    ranking = json.loads((gen_dir / "ranking.json").read_text(encoding="utf-8"))
+    assert sorted(r["file"] for r in ranking["ranking"]) == ["0.png", "1.png", "3.jpg"]
+    assert ranking["skipped"] == ["2.png", "4.png"] and "skipped 2 unreadable image(s)" in capsys.readouterr().out
+    for i in (0, 1):
+        (gen_dir / f"{i}.png").write_bytes(b"not an image")
+    (gen_dir / "3.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match="no readable image among the 5"):
+        clip_sort.main(["大红色圆形", "5", str(gen_dir), "--scorer", f"clip:{ckpt}", "--device", "cpu"])
+
+
+def test_missing_images_are_counted_from_one_listing(gen_dir):
+    """A huge N is answered at once (one directory listing), saying how many of the N exist."""
+    with pytest.raises(UserError, match=r"999999995 of the 1000000000 images are missing .*only 5 of"):
+        clip_sort.main(["大红色圆形", "1000000000", str(gen_dir), "--scorer", "clip:nowhere"])
 
 
 def test_n_must_be_positive(gen_dir):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import one_line_error
 from dalle_train.generate import generate, load_dalle, read_checkpoint
@@ -218,6 +219,54 @@ def test_dalle_gen_prompt_file_is_one_run_per_line(trained, tmp_path, cli):
 
 
 @pytest.mark.slow
+def test_dalle_gen_streams_resumes_and_refuses_another_runs_dir(trained, tmp_path, cli_fast, monkeypatch):
+    """Images are written batch by batch; an interrupted run resumes where it stopped with the same images as an
+    uninterrupted one; another prompt's DIR is refused unless --overwrite, which also drops images beyond N."""
+    import dalle_train.generate as G
+
+    ck = str(trained)
+    args = ["一个大的红色圆形", "5", "--checkpoint", ck, "--batch-size", "2", "--seed", "3", "--quiet"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert cli_fast("dalle_gen.py", args[0], args[1], str(whole), *args[2:]).returncode == 0
+
+    real = G.generate_batches
+
+    def interrupted(*a, **kw):  # a kill after the first batch (Ctrl-C: exit 130, nothing cleaned up)
+        batches = real(*a, **kw)
+        yield next(batches)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "generate_batches", interrupted)
+    assert cli_fast("dalle_gen.py", args[0], args[1], str(part), *args[2:]).returncode == 130
+    assert sorted(p.name for p in part.iterdir()) == sorted(["0.png", "1.png", G.RUN_FILE])  # no meta.json yet
+    huge = tmp_path / "huge"  # a huge N starts at once (nothing of size N is built up front) and streams
+    assert cli_fast("dalle_gen.py", args[0], "1000000000", str(huge), *args[2:]).returncode == 130
+    assert sorted(p.name for p in huge.iterdir()) == sorted(["0.png", "1.png", G.RUN_FILE])
+    monkeypatch.setattr(G, "generate_batches", real)
+    r = cli_fast("dalle_gen.py", args[0], args[1], str(part), *args[2:])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["reused"] == 2
+    assert sorted(p.name for p in part.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for name in ("0.png", "1.png", "2.png", "3.png", "4.png", "grid.png"):
+        assert (part / name).read_bytes() == (whole / name).read_bytes(), name
+    meta = json.loads((part / "meta.json").read_text())
+    assert meta["seeds"] == [3, 4, 5, 6, 7] and meta["reused"] == 2 and meta["n"] == 5
+
+    r = cli_fast("dalle_gen.py", "小蓝色正方形", "2", str(part), "--checkpoint", ck, "--quiet")
+    assert "holds the images of another run" in one_line_error(r) and (part / "4.png").is_file()
+    r = cli_fast("dalle_gen.py", "小蓝色正方形", "2", str(part), "--checkpoint", ck, "--quiet", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in part.iterdir()) == ["0.png", "1.png", "grid.png", "meta.json"]
+    assert json.loads((part / "meta.json").read_text())["prompt"] == "小蓝色正方形"
+
+    monkeypatch.setattr(G, "GRID_MAX", 2)  # the grid shows a fixed number of images whatever N is
+    capped = tmp_path / "capped"
+    assert cli_fast("dalle_gen.py", args[0], "3", str(capped), *args[2:]).returncode == 0
+    side = Image.open(capped / "0.png").size[0]
+    assert Image.open(capped / "grid.png").size == (2 * (side + 2) + 2, side + 4)
+
+
+@pytest.mark.slow
 def test_dalle_gen_bad_inputs_exit_2(trained, tmp_path, cli, cli_fast, pipeline):
     ck, fast = str(trained), cli_fast  # one real process below; the rest in-process
     assert "not found" in one_line_error(cli("dalle_gen.py", "红色", "2", str(tmp_path / "a"), "--checkpoint",
@@ -240,6 +289,12 @@ def test_dalle_gen_bad_inputs_exit_2(trained, tmp_path, cli, cli_fast, pipeline)
                                                              "--checkpoint", str(not_ckpt)))
     assert "filter-thres" in one_line_error(fast("dalle_gen.py", "红色", "1", str(tmp_path / "e"), "--checkpoint", ck,
                                                 "--filter-thres", "1.5"))
+    for flag, value in (("--temperature", "nan"), ("--cond-scale", "inf"), ("--filter-thres", "-0.5")):
+        line = one_line_error(fast("dalle_gen.py", "红色", "1", str(tmp_path / "f"), "--checkpoint", ck, flag, value))
+        assert flag in line and ("finite" in line or "must be in" in line), line
+    empty = fast("dalle_gen.py", " ", "1", str(tmp_path / "g"), "--checkpoint", ck)
+    assert "the text is empty" in one_line_error(empty)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -106,6 +107,23 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+def finite_float(minimum: float | None = None, maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number (no nan / inf), within [minimum, maximum] where given."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            low = "-inf" if minimum is None else f"{minimum:g}"
+            high = "inf" if maximum is None else f"{maximum:g}"
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value:g}")
+        return value
+
+    parse.__name__ = "finite number"
+    return parse
 
 
 PROMPT_SEED_STRIDE = 1000  # with TEXT = @FILE, prompt i's images use seeds seed + 1000 i + j

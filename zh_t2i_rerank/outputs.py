@@ -1,9 +1,10 @@
-"""The outputs of a reranking: the images ``dalle_gen.py`` wrote (``DIR/{i}.png|jpg``) in, ``DIR/ranking.json``,
-``DIR/top/`` (the top-k copied in rank order as ``{rank}_{file}``) and ``DIR/ranked_grid.png`` (every image in rank
-order, its score under it) out."""
+"""A reranking's inputs and outputs: the images ``dalle_gen.py`` wrote (``DIR/{i}.png|jpg``), read and scored a chunk
+at a time with unreadable ones skipped and counted; ``DIR/ranking.json``, ``DIR/top/`` (the top-k copied in rank
+order as ``{rank}_{file}``) and ``DIR/ranked_grid.png`` (the best images in rank order, the score under each)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -22,28 +23,54 @@ CELL = 160  # grid cell: the image fits in CELL x CELL, the score line goes unde
 
 
 def find_images(directory: Path, n: int) -> list[Path]:
-    """``DIR/{i}.png`` (else .jpg / .jpeg) for i < n; UserError naming what is missing."""
+    """``DIR/{i}.png`` (else .jpg / .jpeg) for i < n, from one listing of the directory (whatever n is); a
+    UserError saying how many of the n exist when any is missing."""
     if not directory.is_dir():
         raise UserError(f"image directory not found: {directory}")
-    found, missing = [], []
-    for i in range(n):
-        path = next((directory / f"{i}{ext}" for ext in EXTENSIONS if (directory / f"{i}{ext}").is_file()), None)
-        (found if path is not None else missing).append(path or f"{i}.png")
-    if missing:
-        shown = ", ".join(str(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise UserError(f"{directory}: {len(missing)} of the {n} images are missing ({shown}); "
-                        f"only {len(found)} of DIR/0..{n - 1}.png|jpg exist - is N larger than the images generated?")
-    return found
+    by_index: dict[int, Path] = {}
+    with os.scandir(directory) as it:
+        for entry in it:
+            stem, dot, ext = entry.name.partition(".")
+            if dot and f".{ext.lower()}" in EXTENSIONS and stem.isdigit() and int(stem) < n:
+                i = int(stem)
+                old = by_index.get(i)
+                if old is None or EXTENSIONS.index(f".{ext.lower()}") < EXTENSIONS.index(old.suffix.lower()):
+                    by_index[i] = Path(entry.path)
+    if len(by_index) < n:
+        missing = n - len(by_index)
+        first = list(itertools.islice((f"{i}.png" for i in range(n) if i not in by_index), 5))
+        shown = ", ".join(first) + (", ..." if missing > 5 else "")
+        raise UserError(f"{directory}: {missing} of the {n} images are missing ({shown}); only "
+                        f"{len(by_index)} of DIR/0..{n - 1}.png|jpg exist - is N larger than the images generated?")
+    return [by_index[i] for i in range(n)]
 
 
-def load_images(paths: Sequence[Path]) -> list[Image.Image]:
-    images = []
-    for p in paths:
-        img = load_image(p)
-        if img is None:
-            raise UserError(f"{p}: not a readable image")
-        images.append(img)
-    return images
+def score_images(scorer, text: str, paths: Sequence[Path], chunk: int = 256,
+                 progress: bool = False) -> tuple[list[Path], np.ndarray, list[Path]]:
+    """``(scored paths, their scores, skipped paths)``: the images are read and scored ``chunk`` at a time (memory
+    does not grow with their number); an unreadable image is skipped and counted, not fatal."""
+    from tqdm import tqdm
+
+    kept, scores, skipped = [], [], []
+    bar = tqdm(total=len(paths), desc="scoring", unit="img", disable=not progress, leave=False)
+    for lo in range(0, len(paths), chunk):
+        images, ok = [], []
+        for p in paths[lo:lo + chunk]:
+            img = load_image(p)
+            (ok if img is not None else skipped).append(p)
+            if img is not None:
+                images.append(img)
+        if images:
+            s = np.asarray(scorer.score(text, images), dtype=np.float64)
+            if s.shape != (len(images),) or not np.isfinite(s).all():
+                raise RuntimeError(f"the scorer returned {s.shape} scores for {len(images)} images: {s}")
+            kept += ok
+            scores.append(s)
+        bar.update(len(paths[lo:lo + chunk]))
+    bar.close()
+    if not kept:
+        raise UserError(f"no readable image among the {len(paths)} in {paths[0].parent if paths else '?'}")
+    return kept, np.concatenate(scores), skipped
 
 
 def ranked_grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int = 8) -> Image.Image:
@@ -66,9 +93,13 @@ def ranked_grid(images: Sequence[Image.Image], labels: Sequence[str], columns: i
     return grid
 
 
-def write_outputs(directory: Path, text: str, scorer: str, paths: Sequence[Path], images: Sequence[Image.Image],
-                  scores: np.ndarray, top_k: int) -> list[dict]:
-    """ranking.json, top/ and ranked_grid.png, all or none (staged, then moved into place)."""
+GRID_MAX = 64  # images shown in ranked_grid.png: the best ones, whatever N is
+
+
+def write_outputs(directory: Path, text: str, scorer: str, paths: Sequence[Path], scores: np.ndarray, top_k: int,
+                  skipped: Sequence[Path] = ()) -> list[dict]:
+    """ranking.json (every scored image, and the skipped ones), top/ and ranked_grid.png (the best
+    :data:`GRID_MAX`), all or none (staged, then moved into place)."""
     order = sorted(range(len(paths)), key=lambda i: (-scores[i], i))
     ranking = [{"file": paths[i].name, "score": float(scores[i]), "rank": r} for r, i in enumerate(order, 1)]
     width = len(str(min(top_k, len(order))))
@@ -77,9 +108,11 @@ def write_outputs(directory: Path, text: str, scorer: str, paths: Sequence[Path]
         for row in ranking[:top_k]:
             shutil.copy2(directory / row["file"], staging / f"{row['rank']:0{width}d}_{row['file']}")
         with StagedFiles() as staged:
-            write_json(staged.path(directory / "ranking.json"), {"text": text, "scorer": scorer, "ranking": ranking})
-            grid = ranked_grid([images[i] for i in order], [f"#{r['rank']} {r['file']} {r['score']:.4f}"
-                                                             for r in ranking])
+            write_json(staged.path(directory / "ranking.json"), {"text": text, "scorer": scorer, "ranking": ranking,
+                                                                 "skipped": [p.name for p in skipped]})
+            shown = ranking[:GRID_MAX]
+            grid = ranked_grid([load_image(directory / r["file"]) for r in shown],
+                               [f"#{r['rank']} {r['file']} {r['score']:.4f}" for r in shown])
             grid.save(staged.path(directory / "ranked_grid.png"), format="PNG")
             old = directory / "top"
             if old.exists():
