@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -90,6 +91,33 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     sd_a = torch.load(full / "ckpt-00000030.pt", weights_only=True)["modules"]["model"]
     sd_b = torch.load(part / "ckpt-00000030.pt", weights_only=True)["modules"]["model"]
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_resume_survives_a_torn_log_line_and_a_truncated_newest_checkpoint(tmp_path, capsys):
+    """A kill mid-write leaves half a line in metrics.jsonl; a full disk leaves the newest checkpoint cut short.
+    ``--resume latest`` drops the torn line, warns, resumes from the previous intact checkpoint and ends on the
+    uninterrupted run's trajectory."""
+    full = tmp_path / "full"
+    Trainer(cfg(full), Toy(), toy_data()).fit()
+    part = tmp_path / "part"
+    shutil.copytree(full, part)  # the run killed after writing part of step 30's checkpoint ...
+    (part / "ckpt-00000030.pt").unlink()
+    newest = part / "ckpt-00000020.pt"  # ... on a disk that had cut step 20's short
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with open(part / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 21, "loss/mo')
+    Trainer(cfg(part, resume="latest"), Toy(), toy_data()).fit()
+    assert "resuming from the previous checkpoint ckpt-00000010.pt" in capsys.readouterr().err
+    assert losses(part) == losses(full)
+    with pytest.raises(UserError, match="ckpt-00000010.pt"):  # an explicitly named file must load
+        (part / "ckpt-00000010.pt").write_bytes(b"cut")
+        Trainer(cfg(part, resume=str(part / "ckpt-00000010.pt")), Toy(), toy_data()).fit()
+
+
+def test_runtime_config_refuses_non_finite_numbers_and_absurd_learning_rates():
+    for bad in ({"lr": 1e39}, {"lr": 0.0}, {"lr": float("nan")}, {"max_time": float("inf")}):
+        with pytest.raises(ValueError, match="lr must be in|must be a finite number"):
+            RuntimeConfig(**bad)
 
 
 def test_checkpoint_contents_keep_last_and_exports(tmp_path):

@@ -202,6 +202,8 @@ def test_cli_bad_input_is_one_line_exit_2(data, tmp_path, cli, cli_fast):
         ([*TINY, "--train-data", str(tmp_path / "missing.csv")], "missing.csv"),
         ([*TINY, "--train-data", train_csv, "--batch-size", "0"], "--batch-size"),
         ([*TINY, "--train-data", train_csv, "--lr", "abc"], "invalid float"),
+        ([*TINY, "--train-data", train_csv, "--lr", "1e39"], "lr must be in (0, 1000]"),
+        ([*TINY, "--train-data", train_csv, "--grad-clip", "nan"], "grad_clip must be a finite number"),
         ([*TINY, "--train-data", train_csv, "--precision", "fp16", "--device", "cpu"], "fp16"),
         ([*TINY, "--train-data", train_csv, "--frobnicate"], "unrecognized"),
         ([*TINY], "--train-data is required"),

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from zh_t2i_base.checkpoint import checkpoints
+from zh_t2i_base.checkpoint import checkpoints, load
 from zh_t2i_base.cli import UserError
 from zh_t2i_base.fileio import atomic_path
 
@@ -80,6 +81,25 @@ def resolve(resume: str, run_dir: str | os.PathLike) -> Path | None:
     if not p.is_file():
         raise UserError(f"--resume {resume}: no such checkpoint")
     return p
+
+
+def load_for_resume(resume: str, run_dir: str | os.PathLike) -> tuple[Path | None, dict | None]:
+    """``(path, state)`` of the checkpoint ``--resume`` names (``(None, None)``: nothing to resume). With ``latest``
+    or a directory, a newest checkpoint that does not load (truncated by a full disk, a copy cut short) gives way to
+    the previous intact one, with a warning on stderr; an explicit file must load."""
+    path = resolve(resume, run_dir)
+    if path is None:
+        return None, None
+    explicit = resume not in ("latest",) and not Path(resume).is_dir()
+    candidates = [path] if explicit else [p for p in reversed(checkpoints(path.parent)) if p.name <= path.name]
+    for i, candidate in enumerate(candidates):
+        try:
+            return candidate, load(candidate)
+        except UserError as e:
+            if i == len(candidates) - 1:
+                raise
+            sys.stderr.write(f"warning: {e}; resuming from the previous checkpoint {candidates[i + 1].name}\n")
+    raise AssertionError("unreachable")
 
 
 def export_safetensors(state_dict: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:

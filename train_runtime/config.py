@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -51,6 +52,17 @@ class RuntimeConfig:
     sample_every: int = 0  # steps between image grids; 0 = only at the end
     resume: str = ""  # "latest" (in out_dir) or a checkpoint path
     report_to: str = "none"  # none | wandb (offline unless configured)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if not 0 < self.lr <= MAX_LR:
+            raise ValueError(f"lr must be in (0, {MAX_LR:g}], got {self.lr:g}")
+
+
+MAX_LR = 1e3  # far above any usable learning rate; AdamW's step overflows float32 long before 1e39
 
 
 def _base_type(tp: Any) -> Any:

@@ -33,7 +33,6 @@ from train_runtime import checkpoint as ckpt
 from train_runtime import distributed as distrib
 from train_runtime.config import RuntimeConfig, to_dict
 from train_runtime.optim import make_optimizer, make_scheduler
-from zh_t2i_base.checkpoint import load as read_checkpoint
 from zh_t2i_base.cli import UserError
 from zh_t2i_base.fileio import write_json
 from zh_t2i_base.precision import autocast as precision_autocast
@@ -202,9 +201,8 @@ class Trainer:
                             f"{cfg.batch_size} per process ({env.world_size} process(es))")
 
         step, epoch, batch_in_epoch = 0, 0, 0
-        resume_path = ckpt.resolve(cfg.resume, self.run_dir)
+        resume_path, state = ckpt.load_for_resume(cfg.resume, self.run_dir)
         if resume_path is not None:
-            state = read_checkpoint(resume_path)
             for name, module in modules.items():
                 if name not in state.get("modules", {}):
                     raise UserError(f"{resume_path}: no state for module {name!r}; is it a checkpoint of this trainer?")
@@ -372,12 +370,19 @@ class Trainer:
             wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def _truncate_metrics(self, step: int) -> None:
-        """After a resume the log continues from the checkpoint: rows past it (from the killed run) are dropped."""
+        """After a resume the log continues from the checkpoint: rows past it (from the killed run) are dropped, and
+        so is a line a kill tore in half."""
         path = self.run_dir / "metrics.jsonl"
         if not path.is_file():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write: dropped
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line)
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     @contextlib.contextmanager
