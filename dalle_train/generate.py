@@ -26,7 +26,7 @@ from zh_t2i_base import checkpoint as ckpt
 from zh_t2i_base.cli import UserError
 from zh_t2i_base.device import resolve_device
 from zh_t2i_base.fileio import atomic_path, ensure_writable_dir, write_json
-from zh_t2i_base.images import save_image_grid, to_pil
+from zh_t2i_base.images import numbered_images, save_image_grid, to_pil
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, Path]:
@@ -97,9 +97,6 @@ class Generation:
     text_ids: torch.Tensor  # [text_seq_len]
     truncated: bool
 
-    def pil(self) -> list[Image.Image]:
-        return to_pil(self.images)
-
 
 def encode_prompt(bundle: DalleBundle, text: str) -> tuple[torch.Tensor, bool]:
     """(text ids [1, text_seq_len], truncated); warns when the text was cut to the model's text length."""
@@ -149,17 +146,6 @@ RUN_FILE = ".dalle_gen-run.json"  # written at the start, removed with meta.json
 SAME_RUN_KEYS = ("top_k", "filter_thres", "temperature", "cond_scale", "seed", "top_k_resolved")
 
 
-def _image_files(out: Path) -> dict[int, Path]:
-    """``{i: DIR/{i}.png|jpg}`` of the images in ``out`` (one directory listing, whatever N is)."""
-    found = {}
-    with os.scandir(out) as it:
-        for entry in it:
-            stem, dot, ext = entry.name.partition(".")
-            if dot and ext in ("png", "jpg") and stem.isdigit() and not (stem.startswith("0") and stem != "0"):
-                found[int(stem)] = Path(entry.path)
-    return found
-
-
 def _run_record(text: str, checkpoint: Path, settings: dict, image_format: str) -> dict:
     return {"prompt": text, "checkpoint": str(checkpoint), "format": image_format,
             "settings": {k: settings.get(k) for k in SAME_RUN_KEYS}}
@@ -192,7 +178,7 @@ def check_output_dir(out_dir: str | os.PathLike, text: str, checkpoint: Path, se
     if before is not None and not overwrite and before != _run_record(text, checkpoint, settings, image_format):
         raise UserError(f"{out} holds the images of another run (prompt {before['prompt']!r}, "
                         f"{before['checkpoint']}); pass --overwrite to replace them, or choose another DIR")
-    if before is None and not overwrite and _image_files(out):
+    if before is None and not overwrite and numbered_images(out, (".png", ".jpg")):
         raise UserError(f"{out} holds images no dalle_gen.py run claims; pass --overwrite to replace them, or "
                         f"choose another DIR")
     return out
@@ -210,10 +196,10 @@ def write_images(bundle: DalleBundle, text: str, n: int, out: Path, settings: di
     if overwrite:
         for name in ("meta.json", RUN_FILE, "grid.png"):
             (out / name).unlink(missing_ok=True)
-        for path in _image_files(out).values():
+        for path in numbered_images(out, (".png", ".jpg")).values():
             path.unlink()
     write_json(out / RUN_FILE, _run_record(text, bundle.checkpoint, settings, image_format))
-    existing = _image_files(out)
+    existing = numbered_images(out, (".png", ".jpg"))
     for i, path in existing.items():
         if i >= n or path.suffix != f".{image_format}":
             path.unlink()

@@ -40,3 +40,13 @@ def test_user_errors_converts_only_the_types_given():
         raise ValueError("bad shape")
     with pytest.raises(KeyError), user_errors(ValueError):
         raise KeyError("a bug keeps its type")
+
+
+def test_numbered_images_from_one_listing(tmp_path):
+    from zh_t2i_base.images import numbered_images
+
+    for name in ("0.png", "1.jpg", "1.png", "2.JPEG", "07.png", "x.png", "3.txt", "grid.png"):
+        (tmp_path / name).write_bytes(b"")
+    found = numbered_images(tmp_path)
+    assert {i: p.name for i, p in found.items()} == {0: "0.png", 1: "1.png", 2: "2.JPEG"}
+    assert numbered_images(tmp_path, (".jpg", ".png"))[1].name == "1.jpg"  # the extension listed first wins

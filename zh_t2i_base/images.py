@@ -48,3 +48,19 @@ def save_image_grid(images01: torch.Tensor, path: str | os.PathLike, nrow: int =
         grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = x[i]
     arr = to_uint8(grid).numpy()
     return save_png(Image.fromarray(arr[:, :, 0] if c == 1 else arr), path)
+
+
+def numbered_images(directory: str | os.PathLike, extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+                    ) -> dict[int, Path]:
+    """``{i: DIR/{i}.ext}`` of the numbered images in ``directory`` (``dalle_gen.py``'s ``{i}.png|jpg``), from one
+    listing whatever their number; where ``i`` has several, the extension listed first wins."""
+    found: dict[int, Path] = {}
+    with os.scandir(directory) as it:
+        for entry in it:
+            stem, dot, ext = entry.name.partition(".")
+            ext = f".{ext.lower()}"
+            if dot and ext in extensions and stem.isdigit() and str(int(stem)) == stem:
+                old = found.get(int(stem))
+                if old is None or extensions.index(ext) < extensions.index(old.suffix.lower()):
+                    found[int(stem)] = Path(entry.path)
+    return found

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from form_data.datasets import load_image
 from zh_t2i_base.cli import UserError
 from zh_t2i_base.fileio import StagedFiles, write_json
+from zh_t2i_base.images import numbered_images
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 CELL = 160  # grid cell: the image fits in CELL x CELL, the score line goes under it
@@ -27,15 +28,7 @@ def find_images(directory: Path, n: int) -> list[Path]:
     UserError saying how many of the n exist when any is missing."""
     if not directory.is_dir():
         raise UserError(f"image directory not found: {directory}")
-    by_index: dict[int, Path] = {}
-    with os.scandir(directory) as it:
-        for entry in it:
-            stem, dot, ext = entry.name.partition(".")
-            if dot and f".{ext.lower()}" in EXTENSIONS and stem.isdigit() and int(stem) < n:
-                i = int(stem)
-                old = by_index.get(i)
-                if old is None or EXTENSIONS.index(f".{ext.lower()}") < EXTENSIONS.index(old.suffix.lower()):
-                    by_index[i] = Path(entry.path)
+    by_index = {i: p for i, p in numbered_images(directory, EXTENSIONS).items() if i < n}
     if len(by_index) < n:
         missing = n - len(by_index)
         first = list(itertools.islice((f"{i}.png" for i in range(n) if i not in by_index), 5))
