@@ -17,7 +17,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from zh_t2i_base.cli import ArgumentParser, expand_prompts, positive_int, run
+from zh_t2i_base.cli import IN_DIR, ArgumentParser, expand_prompts, positive_int, prompt_text, run
 from zh_t2i_base.precision import PRECISIONS
 from zh_t2i_rerank.registry import USAGE, describe
 
@@ -31,9 +31,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="clip_sort.py", description=__doc__.split("\n\n")[0], epilog="scorers:\n" + describe(),
                        formatter_class=_HelpFormatter)
-    p.add_argument("text", help="the caption the images were generated for, or @FILE: one a line, ranking DIR/p{i}")
+    p.add_argument("text", type=prompt_text,
+                   help="the caption the images were generated for, or @FILE: one a line, ranking DIR/p{i}")
     p.add_argument("n", type=positive_int, help="number of images: DIR/0.png ... DIR/{N-1}.png (or .jpg)")
-    p.add_argument("dir", help="directory of the generated images")
+    p.add_argument("dir", type=IN_DIR, help="directory of the generated images")
     p.add_argument("--scorer", default="clip:runs/clip", help=USAGE)
     p.add_argument("--top-k", type=positive_int, default=4, help="images copied to DIR/top/")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images encoded together")
@@ -42,6 +43,10 @@ def parser() -> ArgumentParser:
                    help="bf16/fp16: autocast (CUDA, or bf16 on a CPU with AVX512-BF16/AMX); scores move by ~1e-3")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickle when loading the scorer's weights")
     return p
+
+
+def parsers() -> dict[str, ArgumentParser]:
+    return {"": parser()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

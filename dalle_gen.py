@@ -13,30 +13,38 @@ classifier-free guidance (the model must have been trained with ``--null-cond-pr
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 import warnings
 from collections.abc import Sequence
 
 from zh_t2i_base.cli import (
+    OUT_DIR,
     PROMPT_SEED_STRIDE,
     ArgumentParser,
+    PathArg,
     UserError,
     expand_prompts,
     finite_float,
     int_at_least,
     positive_int,
+    prompt_text,
     run,
 )
+
+DEFAULT_CHECKPOINT = "runs/dalle"
 
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="dalle_gen.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("text", help="the caption (Chinese; longer than the model's text length -> truncated, with a "
-                                "warning), or @FILE: one caption a line, caption i written to DIR/p{i}")
-    p.add_argument("n", type=int, help="number of images")
-    p.add_argument("dir", help="output directory (created if missing)")
-    p.add_argument("--checkpoint", default="runs/dalle", help="DALLE run directory, ckpt-*.pt or dalle.safetensors")
+    p.add_argument("text", type=prompt_text,
+                   help="the caption (Chinese; longer than the model's text length -> truncated, with a "
+                        "warning), or @FILE: one caption a line, caption i written to DIR/p{i}")
+    p.add_argument("n", type=positive_int, help="number of images (any number: written batch by batch)")
+    p.add_argument("dir", type=OUT_DIR, help="output directory (created if missing)")
+    p.add_argument("--checkpoint", type=PathArg("in", content="checkpoint"), default=argparse.SUPPRESS,
+                   help=f"DALLE run directory, ckpt-*.pt or dalle.safetensors (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images sampled together")
     k = p.add_mutually_exclusive_group()
     k.add_argument("--top-k", type=positive_int, help="sample among the k most likely image tokens")
@@ -48,19 +56,24 @@ def parser() -> ArgumentParser:
     p.add_argument("--seed", type=int_at_least(0), default=0, help="image i uses seed + i")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--format", choices=("png", "jpg"), default="png")
-    p.add_argument("--vocab", help="text vocab to check against the one stored in the checkpoint")
-    p.add_argument("--image-tokenizer", help="the image tokenizer, if it moved since training")
-    p.add_argument("--image-tokenizer-yaml", help="taming model.yaml (with a taming .ckpt)")
+    p.add_argument("--vocab", type=PathArg("in", content="text"),
+                   help="text vocab to check against the one stored in the checkpoint")
+    p.add_argument("--image-tokenizer", type=PathArg("in", content="checkpoint"),
+                   help="the image tokenizer, if it moved since training")
+    p.add_argument("--image-tokenizer-yaml", type=PathArg("in", "file", "yaml"),
+                   help="taming model.yaml (with a taming .ckpt)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickle for a taming .ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace the images of another run in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
+def parsers() -> dict[str, ArgumentParser]:
+    return {"": parser()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    if a.n < 1:
-        raise UserError(f"N must be >= 1, got {a.n}")
     filter_thres = a.filter_thres if a.filter_thres is not None or a.top_k is not None else 0.9
     if filter_thres is not None and not 0.0 <= filter_thres < 1.0:
         raise UserError(f"--filter-thres must be in [0, 1), got {filter_thres}")
@@ -68,14 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from zh_t2i_base.fileio import ensure_writable_dir
 
     jobs = expand_prompts(a.text, a.dir)
-    for text, out in jobs:
-        if not text.strip():
-            raise UserError("the text is empty")
-        ensure_writable_dir(out)  # fail before loading anything
-    bundle = load_dalle(a.checkpoint, a.device, a.vocab, a.image_tokenizer, a.image_tokenizer_yaml,
-                        a.trust_checkpoint)
+    bundle = load_dalle(getattr(a, "checkpoint", DEFAULT_CHECKPOINT), a.device, a.vocab, a.image_tokenizer,
+                        a.image_tokenizer_yaml, a.trust_checkpoint)
     runs = []
     for i, (text, out) in enumerate(jobs):  # every DIR checked before any image is made
+        ensure_writable_dir(out)
         settings = settings_dict(bundle, batch_size=a.batch_size, top_k=a.top_k, filter_thres=filter_thres,
                                  temperature=a.temperature, cond_scale=a.cond_scale,
                                  seed=a.seed + PROMPT_SEED_STRIDE * i)

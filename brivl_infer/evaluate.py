@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zh_t2i_base.cli import ArgumentParser, UserError, positive_int, run
+from zh_t2i_base.cli import OUT_FILE, ArgumentParser, PathArg, UserError, positive_int, run
 from zh_t2i_base.fileio import write_json
 from zh_t2i_base.retrieval import KS, ranks, recall_metrics
 
@@ -50,12 +50,21 @@ def load_features(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     return img, text
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m brivl_infer.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--features", required=True, help="directory with np_img.npy and np_text.npy")
+    ap.add_argument("--features", type=PathArg("in", "dir", "npy"), required=True,
+                    help="directory with np_img.npy and np_text.npy")
     ap.add_argument("--ks", type=positive_int, nargs="+", default=list(KS), help="recall cut-offs")
-    ap.add_argument("--json", help="also write the figures to this file")
-    a = ap.parse_args(argv)
+    ap.add_argument("--json", type=OUT_FILE, help="also write the figures to this file")
+    return ap
+
+
+def parsers() -> dict[str, ArgumentParser]:
+    return {"": parser()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     img, text = load_features(Path(a.features))
     res = recalls(img, text, a.ks)
     print(f"{res['n']} image-text pairs")

@@ -2,7 +2,9 @@
 
 Input lines: ``{"image_id": path, "sentences": [["sur_text", text], ...], "bbox": [[x1, y1, x2, y2], ...]}``;
 relative image paths are taken from ``--image-root`` (default: the current directory, as the original). Output:
-``FEATURES/np_img.npy`` and ``FEATURES/np_text.npy`` (float32 [N, D], unit rows, jsonl order), written together.
+``FEATURES/np_img.npy`` and ``FEATURES/np_text.npy`` (float32 [N, D], unit rows, jsonl order), written together
+with ``FEATURES/skipped.json``: the samples left out because their image cannot be read (their text too, so the rows
+of the two files stay paired), each as its jsonl line number and image path.
 
     python -m brivl_infer.extract --cfg cfg/test_xyb.yml --checkpoint BriVL-1.0-5500w.pth \\
         --jsonl data/example.jsonl --features out/xyb
@@ -21,10 +23,11 @@ from tqdm import tqdm
 from brivl_infer.evaluate import IMG_FILE, TEXT_FILE
 from brivl_infer.load import load_brivl, read_config
 from brivl_infer.model import BriVLConfig
-from brivl_infer.preprocess import prepare_image
-from zh_t2i_base.cli import ArgumentParser, UserError, non_negative_int, positive_int, run
-from zh_t2i_base.fileio import StagedFiles, ensure_writable_dir, read_jsonl
-from zh_t2i_base.precision import PRECISIONS
+from brivl_infer.preprocess import open_image, prepare_image
+from zh_t2i_base.cli import IN_DIR, OUT_DIR, ArgumentParser, PathArg, UserError, non_negative_int, positive_int, run
+from zh_t2i_base.device import resolve_device
+from zh_t2i_base.fileio import StagedFiles, ensure_writable_dir, read_jsonl, write_json
+from zh_t2i_base.precision import PRECISIONS, check_precision
 
 
 def read_samples(path: Path, text_key: str = "sur_text", image_root: Path | None = None
@@ -58,8 +61,18 @@ def read_samples(path: Path, text_key: str = "sur_text", image_root: Path | None
     return images, texts, boxes
 
 
+SKIPPED_FILE = "skipped.json"
+
+
+def jsonl_line_numbers(path: Path) -> list[int]:
+    """The file line number of each sample of a jsonl (``read_jsonl`` passes over blank lines)."""
+    with open(path, encoding="utf-8-sig") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
+
+
 class _Images(Dataset):
-    """Preprocessed samples; an unreadable image comes back as its error message (a worker must not raise)."""
+    """Preprocessed samples ``(image, boxes, mask, unreadable, error)``: an image that cannot be read comes back as
+    its message in ``unreadable`` (skipped), any other bad input as ``error`` (fatal); a worker must not raise."""
 
     def __init__(self, images: list[Path], boxes: list[list], cfg: BriVLConfig):
         self.images, self.boxes, self.cfg = images, boxes, cfg
@@ -68,20 +81,29 @@ class _Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
+        size, slots = self.cfg.img_size, self.cfg.max_img_len
+        blank = torch.zeros(3, size, size), torch.zeros(slots, 4), torch.zeros(slots)
         try:
-            return (*prepare_image(self.images[i], self.boxes[i], self.cfg), "")
+            img = open_image(self.images[i])
         except UserError as e:
-            size, slots = self.cfg.img_size, self.cfg.max_img_len
-            return torch.zeros(3, size, size), torch.zeros(slots, 4), torch.zeros(slots), str(e)
+            return (*blank, str(e), "")
+        try:
+            return (*prepare_image(img, self.boxes[i], self.cfg), "", "")
+        except UserError as e:
+            return (*blank, "", str(e))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m brivl_infer.extract", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cfg", required=True, help="original-format BriVL yml (e.g. cfg/test_xyb.yml)")
-    ap.add_argument("--checkpoint", required=True, help="BriVL checkpoint (e.g. BriVL-1.0-5500w.pth)")
-    ap.add_argument("--jsonl", help="samples to encode (default: the cfg's DATASET.JSONPATH)")
-    ap.add_argument("--features", required=True, help="output directory for np_img.npy and np_text.npy")
-    ap.add_argument("--image-root", help="directory that relative image_id paths start from (default: cwd)")
+    ap.add_argument("--cfg", type=PathArg("in", "file", "yaml"), required=True,
+                    help="original-format BriVL yml (e.g. cfg/test_xyb.yml)")
+    ap.add_argument("--checkpoint", type=PathArg("in", "file", "checkpoint"), required=True,
+                    help="BriVL checkpoint (e.g. BriVL-1.0-5500w.pth)")
+    ap.add_argument("--jsonl", type=PathArg("in", "file", "jsonl"),
+                    help="samples to encode (default: the cfg's DATASET.JSONPATH)")
+    ap.add_argument("--features", type=OUT_DIR, required=True, help="output directory for np_img.npy and np_text.npy")
+    ap.add_argument("--image-root", type=IN_DIR,
+                    help="directory that relative image_id paths start from (default: cwd)")
     ap.add_argument("--text-key", default="sur_text", help="which 'sentences' entry is the text")
     ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--workers", type=non_negative_int, help="image loading processes (default: DATASET.WORKERS)")
@@ -89,7 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="fp16/bf16: autocast (CUDA)")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="allow a checkpoint that needs pickle (only for files from a source you trust)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def parsers() -> dict[str, ArgumentParser]:
+    return {"": parser()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    check_precision(a.precision, resolve_device(a.device))  # before the features directory is made
 
     _, data = read_config(a.cfg)
     jsonl = a.jsonl or data.jsonpath
@@ -102,19 +133,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = data.workers if a.workers is None else a.workers
     loader = DataLoader(_Images(images, boxes, model.config), batch_size=a.batch_size, num_workers=workers)
     dev = model.device
-    img_feats = []
+    img_feats, kept, skipped = [], [], []
+    lines = jsonl_line_numbers(Path(jsonl))
     with torch.inference_mode():
-        for x, b, m, errors in tqdm(loader, desc="images", unit="batch"):
+        for start, (x, b, m, unreadable, errors) in zip(range(0, len(images), a.batch_size),
+                                                        tqdm(loader, desc="images", unit="batch", leave=False),
+                                                        strict=True):
             if any(errors):
                 raise UserError(next(e for e in errors if e))
-            img_feats.append(model.image_features(x.to(dev), b.to(dev), m.to(dev)).cpu())
-    text_feats = model.encode_texts(texts, batch_size=a.batch_size).cpu()
+            good = [k for k, why in enumerate(unreadable) if not why]
+            skipped.extend({"line": lines[start + k], "image": str(images[start + k]), "error": why}
+                           for k, why in enumerate(unreadable) if why)
+            kept.extend(start + k for k in good)
+            if good:
+                keep = torch.tensor(good)
+                img_feats.append(model.image_features(x[keep].to(dev), b[keep].to(dev), m[keep].to(dev)).cpu())
+    if not kept:
+        raise UserError(f"{jsonl}: no readable image among its {len(images)} samples "
+                        f"(e.g. line {skipped[0]['line']}: {skipped[0]['error']})")
+    text_feats = model.encode_texts([texts[i] for i in kept], batch_size=a.batch_size).cpu()
     with StagedFiles() as staged:
         for name, feats in ((IMG_FILE, torch.cat(img_feats)), (TEXT_FILE, text_feats)):
             with open(staged.path(out / name), "wb") as f:
                 np.save(f, feats.numpy(), allow_pickle=False)
+        write_json(staged.path(out / SKIPPED_FILE), {"skipped": len(skipped), "samples": skipped})
         staged.commit()
-    print(f"wrote {len(images)} image and text features ({model.config.img_feature_dim}-d) to {out}")
+    if skipped:
+        print(f"skipped {len(skipped)} sample(s) whose image cannot be read (listed in {out / SKIPPED_FILE}), "
+              f"first: line {skipped[0]['line']}: {skipped[0]['image']}")
+    print(f"wrote {len(kept)} image and text features ({model.config.img_feature_dim}-d) to {out}")
     return 0
 
 

@@ -27,7 +27,7 @@ from brivl_infer.model import BriVLConfig
 from form_data.tokenizer import ChineseTokenizer, load_tokenizer
 from zh_t2i_base.cli import UserError
 from zh_t2i_base.device import resolve_device
-from zh_t2i_base.precision import PRECISIONS
+from zh_t2i_base.precision import PRECISIONS, check_precision
 
 # config.json values of the published checkpoints (hidden dropout etc. do not matter at inference)
 _BASE = {"vocab_size": 21128, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -233,6 +233,7 @@ def load_brivl(cfg_path: str | os.PathLike, checkpoint_path: str | os.PathLike,
     cfg, _ = read_config(cfg_path)
     cfg.bert, vocab = resolve_encoder(cfg.encoder, cfg_path.parent)
     dev = resolve_device(device)
+    check_precision(precision, dev)
     if not Path(checkpoint_path).is_file():
         raise UserError(f"checkpoint not found: {checkpoint_path}")
     if tokenizer is None:

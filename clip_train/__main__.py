@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from clip_train.train import ClipConfig
 from train_runtime import RuntimeConfig
 from train_runtime.config import add_dataclass_args, parse_configs
-from zh_t2i_base.cli import ArgumentParser, non_negative_int, positive_int, run
+from zh_t2i_base.cli import OUT_FILE, ArgumentParser, PathArg, non_negative_int, positive_int, run
 
 RUNTIME_DEFAULTS = {"lr": 5e-4, "weight_decay": 0.1, "beta2": 0.98, "batch_size": 64, "max_steps": 1000,
                     "warmup_steps": 100, "save_every": 500, "out_dir": "runs/clip"}
@@ -21,7 +21,7 @@ def train_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m clip_train",
                        description="Train a Chinese CLIP (open_clip models, ClipLoss) on the shared runtime. "
                                    "Other command: `python -m clip_train eval --help`.")
-    p.add_argument("--config", help="YAML/JSON file of options (flags override it)")
+    p.add_argument("--config", type=PathArg("in", "file", "yaml"), help="YAML/JSON file of options (flags override it)")
     add_dataclass_args(p, ClipConfig, "model and data")
     add_dataclass_args(p, RuntimeConfig, "run", defaults=RUNTIME_DEFAULTS)
     seed = p.add_argument_group("the seed's open_clip names")
@@ -34,11 +34,14 @@ def eval_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m clip_train eval",
                        description="Val loss, image<->text R@1/5/10, mean recall and ranks of a CLIP checkpoint "
                                    "(attribute-level recall with --attributes, zero-shot with --zeroshot-labels).")
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", type=PathArg("in", content="checkpoint"), required=True,
                    help="run dir / ckpt-*.pt / model.safetensors of python -m clip_train")
-    p.add_argument("--data", required=True, help="split to evaluate (CSV / JSONL / image folder)")
-    p.add_argument("--attributes", default="", help="the synthetic set's attributes.jsonl")
-    p.add_argument("--zeroshot-labels", default="", help="file of Chinese labels, one a line")
+    p.add_argument("--data", type=PathArg("in", content="images"), required=True,
+                   help="split to evaluate (CSV / JSONL / image folder)")
+    p.add_argument("--attributes", type=PathArg("in", "file", "jsonl"), default="",
+                   help="the synthetic set's attributes.jsonl")
+    p.add_argument("--zeroshot-labels", type=PathArg("in", "file", "text"), default="",
+                   help="file of Chinese labels, one a line")
     p.add_argument("--zeroshot-template", default="{}", help="prompt for each label")
     p.add_argument("--csv-img-key", default="filepath")
     p.add_argument("--csv-caption-key", default="title")
@@ -46,8 +49,12 @@ def eval_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="", help="also write the metrics to this JSON file")
+    p.add_argument("--out", type=OUT_FILE, default="", help="also write the metrics to this JSON file")
     return p
+
+
+def parsers() -> dict[str, ArgumentParser]:
+    return {"": train_parser(), "eval": eval_parser()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

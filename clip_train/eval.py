@@ -8,12 +8,15 @@ Conventions (all recalls in %):
 * attribute-level (when attributes are given): a retrieved item counts as correct when the caption's stated
   attributes all hold for the image (see :func:`attribute_matches`); a query is a hit at K when any correct item is
   in its top K (the multi-positive convention of Chinese-CLIP's evaluation);
-* ``*_mean_recall``, ``*_median_rank``, ``*_mean_rank`` and how ties rank: :mod:`zh_t2i_base.retrieval`.
+* ``*_mean_recall``, ``*_median_rank``, ``*_mean_rank`` and how ties rank: :mod:`zh_t2i_base.retrieval`;
+* a row whose image is broken is left out of both sides (its image and its caption), never replaced by the next
+  readable image; ``skipped`` counts such rows.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from clip_train.model import normalize
-from form_data.datasets import collate, default_transform, open_dataset
+from form_data.datasets import StrictRows, collate, collate_rows, default_transform, open_dataset
 from form_data.synth import parse_caption
 from form_data.tokenizer import ChineseTokenizer
 from zh_t2i_base.cli import UserError
@@ -33,6 +36,7 @@ from zh_t2i_base.fileio import read_jsonl, write_json
 from zh_t2i_base.retrieval import KS, ranks, recall_metrics
 
 SYNTH_KEYS = ("colour", "shape", "size", "background")
+SHOWN_SKIPPED = 5  # broken paths named in the eval command's result
 
 
 def separator(text: str) -> str:
@@ -47,7 +51,7 @@ def open_pairs(path: str, image_size: int, img_key: str = "filepath", caption_ke
                random_crop: bool = False) -> Dataset:
     """An image-caption split in any form_data format; the CSV options apply to .csv/.tsv files."""
     kw = {}
-    if Path(path).suffix.lower() in (".csv", ".tsv"):
+    if Path(path).suffix.lower() in (".csv", ".tsv") and not Path(path).is_dir():  # a folder named x.csv: images
         kw = {"img_key": img_key, "caption_key": caption_key, "sep": separator(sep)}
     return open_dataset(path, transform=default_transform(image_size, random_crop=random_crop),
                         image_size=image_size, **kw)
@@ -159,13 +163,23 @@ def zero_shot(model: nn.Module, tokenizer: ChineseTokenizer, context_length: int
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: ChineseTokenizer, context_length: int, dataset: Dataset,
              device: torch.device, batch_size: int = 256, workers: int = 0, attributes_file: str = "",
-             labels: Sequence[str] = (), template: str = "{}") -> dict[str, float]:
-    """Encode every pair of ``dataset`` and return val loss, retrieval metrics (+ attribute-level with
-    ``attributes_file``, + zero-shot with ``labels``). The model is used as it is (callers set eval mode)."""
+             labels: Sequence[str] = (), template: str = "{}", broken: list[int] | None = None) -> dict[str, float]:
+    """Encode every readable pair of ``dataset`` and return val loss, retrieval metrics (+ attribute-level with
+    ``attributes_file``, + zero-shot with ``labels``) and ``skipped`` (rows left out: their image is broken; their
+    indices are appended to ``broken``). The model is used as it is (callers set eval mode)."""
     loss_fn = ClipLoss()
     image_feats, text_feats, captions, paths, losses = [], [], [], [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
-    for batch in loader:
+    listed = not isinstance(dataset, IterableDataset)
+    loader = DataLoader(StrictRows(dataset) if listed else dataset, batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=collate_rows if listed else _stream_batch)
+    rows: list[int] = [] if broken is None else broken
+    skipped = 0
+    for batch, left_out in loader:
+        rows.extend(left_out)
+        skipped += len(left_out)
+        if batch is None:
+            continue
+        skipped += int(batch["skipped"])
         images = normalize(model, batch["image"].to(device))
         text = tokenizer.encode(batch["caption"], context_length).to(device)
         fi = model.encode_image(images, normalize=True).float()
@@ -176,15 +190,22 @@ def evaluate(model: nn.Module, tokenizer: ChineseTokenizer, context_length: int,
         captions.extend(batch["caption"])
         if attributes_file:
             paths.extend(dataset.image_path(int(i)) for i in batch["index"])
+    if not captions:
+        raise UserError(f"no readable image among the {skipped} samples of {dataset!r}")
     image_features, text_features = torch.cat(image_feats), torch.cat(text_feats)
     image_attrs = text_attrs = None
     if attributes_file:
         image_attrs, text_attrs = synthetic_attributes(paths, captions, attributes_file)
-    out = {"val_loss": sum(losses) / len(captions), "num_samples": float(len(captions)),
+    out = {"val_loss": sum(losses) / len(captions), "num_samples": float(len(captions)), "skipped": skipped,
            **retrieval_metrics(image_features, text_features, image_attrs, text_attrs)}
     if labels:
         out.update(zero_shot(model, tokenizer, context_length, image_features, captions, labels, template))
     return out
+
+
+def _stream_batch(items):
+    """Webdataset samples -> (batch, no broken rows): a stream counts its broken samples in ``batch["skipped"]``."""
+    return collate(items), []
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, attributes: str = "", labels_file: str = "", template: str = "{}",
@@ -200,8 +221,17 @@ def evaluate_checkpoint(checkpoint: str, data: str, attributes: str = "", labels
     dev = resolve_device(device)
     clip = load_clip(checkpoint, dev)
     dataset = open_pairs(data, clip.image_size, img_key, caption_key, sep)
+    broken: list[int] = []
     metrics = evaluate(clip.model, clip.tokenizer, clip.context_length, dataset, dev, batch_size, workers, attributes,
-                       labels, template)
+                       labels, template, broken)
+    if hasattr(dataset, "image_path"):
+        shown = [dataset.image_path(i) for i in broken[:SHOWN_SKIPPED]]
+    else:
+        shown = sorted(getattr(dataset, "broken", ()))[:SHOWN_SKIPPED]
+    metrics["skipped_paths"] = shown
+    if metrics["skipped"]:
+        print(f"eval: skipped {metrics['skipped']} unreadable image(s), left out with their captions; the metrics "
+              f"cover the other {int(metrics['num_samples'])} pairs; first: {', '.join(shown)}", file=sys.stderr)
     if out:
         write_json(out, metrics)
     return metrics

@@ -26,8 +26,8 @@ from clip_train.model import build_config, create, image_size_of, normalize, ope
 from form_data.datasets import collate
 from form_data.tokenizer import ChineseTokenizer, load_tokenizer
 from train_runtime import RuntimeConfig, Task, Trainer
-from train_runtime.config import to_dict
-from zh_t2i_base.cli import UserError, user_errors
+from train_runtime.config import path_field, to_dict
+from zh_t2i_base.cli import PathArg, UserError, user_errors
 from zh_t2i_base.fileio import ensure_writable_dir, write_json
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature to <= 100 after every step
@@ -36,13 +36,18 @@ MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature to <
 @dataclass
 class ClipConfig:
     model: str = "zh-tiny"  # zh-tiny | RN50 | ViT-B-32 | ViT-B-16 | another open_clip config name
-    text_model: str = ""  # a LOCAL Hugging Face BERT/RoBERTa directory; empty = open_clip's text transformer
-    vocab: str = ""  # vocab.txt / tokenizer.json / dir; empty = the text model's dir, else cn_clip's vocab
+    # a LOCAL Hugging Face BERT/RoBERTa directory; empty = open_clip's text transformer
+    text_model: str = ""
+    # vocab.txt / tokenizer.json / dir; empty = the text model's dir, else cn_clip's vocab
+    vocab: str = path_field(PathArg("in", content="text"))
     context_length: int = 0  # tokens per caption incl. [CLS]/[SEP]; 0 = the model's (zh-tiny 32, others 52)
     image_size: int = 0  # 0 = the model config's
-    train_data: str = ""  # CSV (open_clip layout) / JSONL / image folder from form_data
-    val_data: str = ""  # evaluated every --eval-every steps (or --val-frequency epochs) and at the end
-    val_attributes: str = ""  # the synthetic set's attributes.jsonl: adds attribute-level recall
+    # CSV (open_clip layout) / JSONL / image folder from form_data
+    train_data: str = path_field(PathArg("in", content="images"))
+    # evaluated every --eval-every steps (or --val-frequency epochs) and at the end
+    val_data: str = path_field(PathArg("in", content="images"))
+    # the synthetic set's attributes.jsonl: adds attribute-level recall
+    val_attributes: str = path_field(PathArg("in", "file", "jsonl"))
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_separator: str = "\t"  # a tab by default, as open_clip; `\t` and `tab` also mean a tab
@@ -55,7 +60,8 @@ class ClipConfig:
     gather_with_grad: bool = False  # ClipLoss: all-gather features with gradients
     grad_checkpointing: bool = False
     val_batch_size: int = 256
-    zeroshot_labels: str = ""  # file of Chinese labels, one a line: zero-shot top-1 on --val-data at every eval
+    # file of Chinese labels, one a line: zero-shot top-1 on --val-data at every eval
+    zeroshot_labels: str = path_field(PathArg("in", "file", "text"))
     zeroshot_template: str = "{}"  # prompt for each label, e.g. 一张{}的图片
 
 
@@ -70,8 +76,26 @@ def tokenizer_for(cc: ClipConfig) -> ChineseTokenizer:
     return load_tokenizer(cc.vocab or cc.text_model or None)
 
 
-def open_split(cc: ClipConfig, path: str, image_size: int, random_crop: bool = False):
-    return open_pairs(path, image_size, cc.csv_img_key, cc.csv_caption_key, cc.csv_separator, random_crop)
+def open_split(cc: ClipConfig, path: str, image_size: int, random_crop: bool = False,
+               flag: str = "--train-data") -> Dataset:
+    ds = open_pairs(path, image_size, cc.csv_img_key, cc.csv_caption_key, cc.csv_separator, random_crop)
+    check_captions(ds, flag, path)
+    return ds
+
+
+def check_captions(ds: Dataset, flag: str, path: str, probe: int = 256) -> None:
+    """A CLIP learns from image-caption pairs: a split whose first ``probe`` rows have no caption (an image folder
+    without ``<stem>.txt`` files, an empty caption column) is refused before anything is built or written."""
+    caption = getattr(ds, "caption", None)
+    if caption is None:  # a stream (webdataset shards): refused elsewhere for training
+        return
+    n = min(probe, len(ds))
+    if n and not any(caption(i).strip() for i in range(n)):
+        where = ("a <stem>.txt caption file beside each image" if Path(path).is_dir() else
+                 "captions (for a CSV: in the column --csv-caption-key names)")
+        raise UserError(f"{flag} {path}: none of its first {n} images has a caption, and a CLIP learns from "
+                        f"image-caption pairs; give it {where}, or use a listing with captions from "
+                        f"`python -m form_data export`")
 
 
 class InMemory(Dataset):
@@ -126,6 +150,9 @@ class ClipTask(Task):
 
     def meta(self) -> dict:
         return self._meta
+
+    def prepare_run_dir(self, run_dir: Path) -> None:
+        write_open_clip_files(run_dir, self.model, self.tokenizer, self._meta)
 
 
 def steps_per_epoch(n_samples: int, rc: RuntimeConfig, world_size: int) -> int:
@@ -204,13 +231,11 @@ def train(cc: ClipConfig, rc: RuntimeConfig) -> dict:
     train_set = open_split(cc, cc.train_data, size, random_crop=cc.random_crop)
     if cc.cache_images:
         train_set = InMemory(train_set)
-    val_set = open_split(cc, cc.val_data, size) if cc.val_data else None
+    val_set = open_split(cc, cc.val_data, size, flag="--val-data") if cc.val_data else None
     if cc.val_attributes:  # check the join now, not after training
         synthetic_attributes([val_set.image_path(i) for i in range(len(val_set))],
                              [val_set.caption(i) for i in range(len(val_set))], cc.val_attributes)
     rc = epoch_schedule(cc, rc, len(train_set), int(os.environ.get("WORLD_SIZE", "1")))
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_open_clip_files(Path(rc.out_dir), model, tokenizer, meta)
     task = ClipTask(cc, model, tokenizer, meta["context_length"], meta, val_set, labels)
     config = {"runtime": to_dict(rc), "clip": to_dict(cc)}
     return Trainer(rc, task, train_set, collate_fn=collate, config=config).fit()

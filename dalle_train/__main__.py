@@ -22,6 +22,10 @@ def parser() -> ArgumentParser:
                            DALLETrainConfig, RUNTIME_DEFAULTS)
 
 
+def parsers() -> dict[str, ArgumentParser]:
+    return {"": parser()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from dalle_train.train import train
 

@@ -24,18 +24,21 @@ from dalle_train.sample import sample_tokens
 from form_data.datasets import collate, default_transform, open_dataset
 from form_data.tokenizer import ChineseTokenizer, load_tokenizer, vocab_digest
 from train_runtime import RuntimeConfig, Task, Trainer
-from train_runtime.config import to_dict
-from zh_t2i_base.cli import UserError, user_errors
+from train_runtime.config import path_field, to_dict
+from zh_t2i_base.cli import PathArg, UserError, user_errors
 from zh_t2i_base.images import save_image_grid
 
 
 @dataclass
 class DALLETrainConfig:
-    train_data: str = ""  # token file (.pt) from `vae_train tokenize`, or an image split encoded on the fly
-    val_data: str = ""  # same kind as train_data: validation loss
-    image_tokenizer: str = ""  # default: the one the token file was made with; required for image splits
-    image_tokenizer_yaml: str = ""  # taming model.yaml (with a taming .ckpt)
-    vocab: str = ""  # text vocab (vocab.txt / dir / tokenizer.json); default: cn_clip's, else error
+    # token file (.pt) from `vae_train tokenize`, or an image split encoded on the fly
+    train_data: str = path_field(PathArg("in", content="tokens"))
+    val_data: str = path_field(PathArg("in", content="tokens"))  # same kind as train_data: validation loss
+    # default: the one the token file was made with; required for image splits
+    image_tokenizer: str = path_field(PathArg("in", content="checkpoint"))
+    image_tokenizer_yaml: str = path_field(PathArg("in", "file", "yaml"))  # taming model.yaml (with a taming .ckpt)
+    # text vocab (vocab.txt / dir / tokenizer.json); default: cn_clip's, else error
+    vocab: str = path_field(PathArg("in", content="text"))
     text_seq_len: int = 32
     dim: int = 512
     depth: int = 8

@@ -5,7 +5,20 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from zh_t2i_base.cli import ArgumentParser, UserError, non_negative_int, positive_int, run
+from zh_t2i_base.cli import (
+    IN_DIR,
+    OUT_DIR,
+    OUT_FILE,
+    ArgumentParser,
+    PathArg,
+    UserError,
+    finite_float,
+    non_negative_int,
+    port_number,
+    positive_int,
+    run,
+    subcommands,
+)
 
 
 def _synth(a) -> None:
@@ -53,8 +66,11 @@ def _export(a) -> None:
                     progress=not a.quiet, attributes=a.attributes)
     out = a.out or a.root
     for split, n in counts.items():
+        skipped = counts.skipped.get(split, {})
         print(f"{split}: {n} samples -> {out}/{split}_clip.csv, {split}_dalle.jsonl, {split}_brivl.jsonl"
-              + (f", wds/{split}-*.tar" if a.webdataset else ""))
+              + (f", wds/{split}-*.tar" if a.webdataset else "")
+              + (f"; skipped {sum(skipped.values())} ({', '.join(f'{k} {v}' for k, v in skipped.items())})"
+                 if skipped else ""))
 
 
 def _vocab(a) -> None:
@@ -86,7 +102,7 @@ def build_parser() -> ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     s = sub.add_parser("synth", help="write the embedded synthetic data set (or a raw Wukong-style CSV with --raw)")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--out", type=OUT_DIR, required=True, help="output directory")
     s.add_argument("--raw", action="store_true", help="write a raw url,caption CSV + images to serve instead")
     s.add_argument("--base-url", help="with --raw: the URL the images will be served from, e.g. http://127.0.0.1:8765")
     s.add_argument("--n", type=positive_int, default=3000, help="with --raw: number of good rows")
@@ -103,13 +119,16 @@ def build_parser() -> ArgumentParser:
     s.set_defaults(func=_synth)
 
     c = sub.add_parser("clean", help="apply the caption rules, dedup, shuffle and split train/val")
-    c.add_argument("inputs", nargs="+", help="CSV/TSV/CSV.gz/parquet files or directories of them")
-    c.add_argument("--out", required=True, help="output directory for train.csv, val.csv, clean_report.json")
-    c.add_argument("--keywords", help="keyword file (UTF-8, one per line); without it the keyword rule is off")
+    c.add_argument("inputs", nargs="+", type=PathArg("in", content="table"),
+                   help="CSV/TSV/CSV.gz/parquet files or directories of them")
+    c.add_argument("--out", type=OUT_DIR, required=True,
+                   help="output directory for train.csv, val.csv, clean_report.json")
+    c.add_argument("--keywords", type=PathArg("in", "file", "text"),
+                   help="keyword file (UTF-8, one per line); without it the keyword rule is off")
     c.add_argument("--url-col", default="url", help="url column name, or its 0-based position")
     c.add_argument("--caption-col", default="caption", help="caption column name, or its 0-based position")
     c.add_argument("--delimiter", help="CSV delimiter (default: ',' for .csv, tab for .tsv/.txt)")
-    c.add_argument("--val-fraction", type=float, default=0.1)
+    c.add_argument("--val-fraction", type=finite_float(0.0), default=0.1)
     c.add_argument("--seed", type=int, default=0, help="shuffle/split seed")
     c.add_argument("--workers", type=non_negative_int, default=0,
                    help="threads for the rules (0: one per CPU, at most 8)")
@@ -117,8 +136,9 @@ def build_parser() -> ArgumentParser:
     c.set_defaults(func=_clean)
 
     d = sub.add_parser("download", help="download the images of the cleaned splits with img2dataset")
-    d.add_argument("splits_dir", help="directory holding {split}.csv from `clean`")
-    d.add_argument("--out", required=True, help="output directory ({split}/ folders + download_report.json)")
+    d.add_argument("splits_dir", type=PathArg("in", "dir", "tables"), help="directory holding {split}.csv from `clean`")
+    d.add_argument("--out", type=OUT_DIR, required=True,
+                   help="output directory ({split}/ folders + download_report.json)")
     d.add_argument("--splits", nargs="+", default=["train", "val"])
     d.add_argument("--processes", type=positive_int, default=1)
     d.add_argument("--threads", type=positive_int, default=32)
@@ -129,27 +149,32 @@ def build_parser() -> ArgumentParser:
     d.set_defaults(func=_download)
 
     e = sub.add_parser("export", help="write open_clip CSV, DALLE JSONL, BriVL JSONL (and webdataset shards)")
-    e.add_argument("root", help="download directory (with {split}/ folders)")
-    e.add_argument("--out", help="where to write the exports (default: ROOT; paths stay relative)")
+    e.add_argument("root", type=PathArg("in", "dir", "downloads"), help="download directory (with {split}/ folders)")
+    e.add_argument("--out", type=OUT_DIR, help="where to write the exports (default: ROOT; paths stay relative)")
     e.add_argument("--splits", nargs="+", default=["train", "val"])
     e.add_argument("--webdataset", action="store_true", help="also write webdataset .tar shards under wds/")
     e.add_argument("--shard-size", type=positive_int, default=10000)
-    e.add_argument("--attributes",
+    e.add_argument("--attributes", type=PathArg("in", "file", "jsonl"),
                    help="per-URL ground-truth JSONL (synth --raw's attributes.jsonl) -> OUT/attributes.jsonl")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_export)
 
     v = sub.add_parser("vocab", help="build a WordPiece vocab.txt from training captions")
-    v.add_argument("data", nargs="+", help="caption files: split CSV, open_clip CSV, DALLE or BriVL JSONL")
-    v.add_argument("--out", required=True, help="vocab.txt to write")
+    v.add_argument("data", nargs="+", type=PathArg("in", "file", "table"),
+                   help="caption files: split CSV, open_clip CSV, DALLE or BriVL JSONL")
+    v.add_argument("--out", type=OUT_FILE, required=True, help="vocab.txt to write")
     v.add_argument("--min-count", type=positive_int, default=1)
     v.set_defaults(func=_vocab)
 
     sv = sub.add_parser("serve", help="serve a directory over loopback HTTP (for the synthetic raw images)")
-    sv.add_argument("directory")
-    sv.add_argument("--port", type=non_negative_int, default=8765)
+    sv.add_argument("directory", type=IN_DIR)
+    sv.add_argument("--port", type=port_number, default=8765, help="TCP port on 127.0.0.1; 0: any free one")
     sv.set_defaults(func=_serve)
     return p
+
+
+def parsers() -> dict[str, ArgumentParser]:
+    return subcommands(build_parser())
 
 
 MOVED = ("judge", "report", "calibrate", "steps")  # the demo's commands, now in its own package

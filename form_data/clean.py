@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from zh_t2i_base.cli import UserError
-from zh_t2i_base.fileio import StagedFiles, ensure_writable_dir, utf8_error, write_json
+from zh_t2i_base.fileio import StagedFiles, ensure_writable_dir, reading, utf8_error, write_json
 
 MAX_CAPTION_LEN = 32
 MAX_PIECE_LEN = 18
@@ -273,7 +273,7 @@ def _resolve(names: list[str], spec: str | int, what: str, path: Path) -> str:
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
-    with pa.input_stream(str(path), compression="detect") as s:
+    with reading(path, "table"), pa.input_stream(str(path), compression="detect") as s:
         head = s.read(1 << 20)
     try:
         text = head.decode("utf-8-sig")
@@ -336,6 +336,8 @@ def iter_batches(path: str | os.PathLike, url_col: str | int = "url", caption_co
         if "UTF8" in str(e) or "utf8" in str(e) or "UTF-8" in str(e):
             raise utf8_error(path) from None
         raise UserError(f"{path}: cannot parse as CSV ({e})") from None
+    except OSError as e:  # pyarrow's decompression errors: "Truncated compressed stream", "zlib inflate failed"
+        raise UserError(f"{path}: corrupt or truncated table ({e})") from None
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -455,7 +457,7 @@ def read_split(path: str | os.PathLike) -> list[tuple[str, str]]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"split file not found: {p}")
-    with open(p, encoding="utf-8", newline="") as fh:
+    with reading(p, "split file"), open(p, encoding="utf-8", newline="") as fh:
         r = csv.reader(fh)
         header = next(r, None)
         if header != ["url", "caption"]:

@@ -22,6 +22,9 @@ files it passed over in the sample's ``skipped``; :class:`WebDatasetShards` drop
 ``skipped`` of the next sample it yields. Because the count travels with the samples it survives DataLoader worker
 processes: sum ``batch["skipped"]`` to count the broken files met. Each broken path is also logged once per process and
 kept in the dataset's ``broken`` set (per process: a worker's set is not seen by the main process).
+Evaluations read rows without fall-through instead (:meth:`_ListedImages.row`, :class:`StrictRows`): a broken row is
+left out, not replaced by its neighbour. A listing with no readable image at all is refused when it is opened
+(:class:`NoReadableImage`, a UserError).
 
 Map-style listings read through the default (deterministic) transform are decoded once into an :class:`ImageCache`
 that later runs over the same listing reuse.
@@ -46,7 +49,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -59,8 +62,11 @@ __all__ = [
     "CsvImageText",
     "ImageFolderDataset",
     "JsonlImageText",
+    "NoReadableImage",
+    "StrictRows",
     "WebDatasetShards",
     "collate",
+    "collate_rows",
     "default_transform",
     "expand_shards",
     "load_image",
@@ -100,15 +106,25 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Im
 
     Modes that have an RGB meaning are converted: L/1/P/CMYK/YCbCr directly, anything with alpha (RGBA, LA, PA, or a
     palette/grayscale with a transparency entry) composited on white, and high-depth grayscale (I;16*, I, F) scaled
-    to 8 bits (see :func:`_to_8bit`). Corrupt, truncated, empty, non-image and decompression-bomb files give None.
+    to 8 bits (see :func:`_to_8bit`). An EXIF Orientation tag is applied (a phone photo stored sideways comes out
+    upright; a malformed EXIF block is ignored). Corrupt, truncated, empty, non-image and decompression-bomb files
+    give None.
     """
     try:
         fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
         with Image.open(fp) as img:
             img.load()
-            return _to_rgb(img)
+            return _to_rgb(_upright(img))
     except BAD_IMAGE_ERRORS:
         return None
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF Orientation says; ``img`` itself when it has none or the EXIF cannot be parsed."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except BAD_IMAGE_ERRORS:  # Pillow's EXIF parser raises several kinds on malformed tags
+        return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -223,6 +239,10 @@ def _note_broken(broken: set[str], path: str, why: str = "unreadable image") -> 
 # Map-style datasets
 
 
+class NoReadableImage(UserError):
+    """A listing in which not one image can be read: nothing to train on or evaluate (one line, exit 2)."""
+
+
 class _Strings:
     """A read-only list of strings packed into one numpy buffer.
 
@@ -260,6 +280,7 @@ class _ListedImages(Dataset):
         self._cache: ImageCache | None = None
         if cache and isinstance(self.transform, ResizeCenterCrop) and ImageCache.fits(len(self), self.transform.size):
             self._cache = ImageCache.open(self, self.transform)
+        self._check_some_readable()
 
     def _check_some_exist(self, probe: int = 16) -> None:
         # Paths resolved against the wrong directory would otherwise only show as "no readable image" much later.
@@ -267,6 +288,27 @@ class _ListedImages(Dataset):
         if not any(os.path.exists(p) for p in first):
             raise UserError(f"{self.source}: none of the first {len(first)} listed images exists, e.g. {first[0]} "
                             f"(image paths are resolved relative to {self.root})")
+
+    def _check_some_readable(self) -> None:
+        # A listing of nothing but broken files would otherwise fail at its first item, often inside a DataLoader
+        # worker (a traceback). Cached: free; else decodes up to the first readable image (one for a sound listing).
+        if self._cache is not None:
+            if bool(self._cache.ok.any()):
+                self._warn_broken()
+                return
+        else:
+            for i in range(len(self)):
+                if load_image(self.image_path(i)) is not None:
+                    for j in range(i):
+                        _note_broken(self.broken, self.image_path(j))
+                    return
+        # no warning per file here: the one-line error says it all
+        raise NoReadableImage(f"{self.source}: no readable image among its {len(self)} listed files (each is "
+                              f"missing, empty, corrupt or not an image), e.g. {self.image_path(0)}")
+
+    def _warn_broken(self) -> None:
+        for path in sorted(self.broken):  # the holes the image cache found, logged once the listing is known usable
+            _note_broken(self.broken, path)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -298,8 +340,51 @@ class _ListedImages(Dataset):
         raise RuntimeError(f"{self.source}: no readable image among {skipped} files from index {i} on "
                            f"(first: {self.image_path(i)})")
 
+    def row(self, i: int) -> Sample | None:
+        """Item ``i`` itself, or None when its image is broken: no fall-through to a neighbour. For evaluations,
+        which must neither count a neighbour's image twice nor pair it with row ``i``'s caption or file name."""
+        n, i = len(self), int(i)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} samples")
+        i %= n
+        if self._cache is not None:
+            if not bool(self._cache.ok[i]):
+                return None
+            return {"image": self._cache.image(i), "caption": self.caption(i), "index": i, "skipped": 0}
+        path = self.image_path(i)
+        img = load_image(path)
+        if img is None:
+            _note_broken(self.broken, path)
+            return None
+        return {"image": self.transform(img), "caption": self.caption(i), "index": i, "skipped": 0}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r}, {len(self)} samples)"
+
+
+class StrictRows(Dataset):
+    """A map-style data set read row by row without fall-through: item ``i`` is ``(i, sample)``, or ``(i, None)``
+    when row ``i``'s image is broken. Batch with :func:`collate_rows`. Uses the data set's ``row(i)`` where it has
+    one, else keeps ``ds[i]`` only when it is row ``i`` itself."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[int, Sample | None]:
+        if hasattr(self.ds, "row"):
+            return i, self.ds.row(i)
+        item = self.ds[i]
+        return i, (item if int(item["index"]) == i else None)
+
+
+def collate_rows(items: Sequence[tuple[int, Sample | None]]) -> tuple[dict | None, list[int]]:
+    """:class:`StrictRows` items -> (:func:`collate` of the readable samples or None when there are none, the row
+    indices whose image is broken)."""
+    good = [s for _, s in items if s is not None]
+    return (collate(good) if good else None), [i for i, s in items if s is None]
 
 
 class ImageCache:
@@ -313,7 +398,7 @@ class ImageCache:
     the uncached dataset does (same ``index`` and ``skipped``)."""
 
     MAX_BYTES = 512 * 2**20
-    VERSION = 1
+    VERSION = 2  # 2: EXIF orientation applied
 
     def __init__(self, images: torch.Tensor, ok: torch.Tensor):
         self.images, self.ok = images, ok
@@ -377,7 +462,7 @@ class ImageCache:
         def decode(i: int) -> None:
             img = load_image(ds.image_path(i))
             if img is None:
-                _note_broken(ds.broken, ds.image_path(i))
+                ds.broken.add(ds.image_path(i))  # logged by the listing once it knows some image is readable
             else:
                 images[i], ok[i] = transform.uint8(img), True
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal, overload
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from zh_t2i_base.cli import UserError
-from zh_t2i_base.fileio import atomic_write, ensure_writable_dir, utf8_error
+from zh_t2i_base.fileio import atomic_write, ensure_writable_dir, reading, utf8_error
 
 if TYPE_CHECKING:
     import torch
@@ -388,13 +388,8 @@ def read_captions(path: str | os.PathLike) -> Iterator[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"no such caption file: {p}")
-    try:
-        with _open_text(p) as f:
-            first = next((line for line in f if line.strip()), "")
-    except UnicodeDecodeError:
-        raise utf8_error(p) from None
-    except OSError as e:
-        raise UserError(f"cannot read captions from {p}: {e.strerror or e}") from None
+    with reading(p, "caption file"), _open_text(p) as f:
+        first = next((line for line in f if line.strip()), "")
     if not first:
         return iter(())
     if first.lstrip().startswith("{"):
@@ -416,15 +411,12 @@ def read_captions(path: str | os.PathLike) -> Iterator[str]:
 
 
 def _iter_table(path: Path, delimiter: str, col: int) -> Iterator[str]:
-    try:
-        with _open_text(path) as f:
-            reader = csv.reader(f, delimiter=delimiter)
-            next(reader, None)  # header
-            for row in reader:
-                if len(row) > col and row[col]:
-                    yield row[col]
-    except UnicodeDecodeError:
-        raise utf8_error(path) from None
+    with reading(path, "caption file"), _open_text(path) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        next(reader, None)  # header
+        for row in reader:
+            if len(row) > col and row[col]:
+                yield row[col]
 
 
 def _iter_jsonl(path: Path) -> Iterator[str]:

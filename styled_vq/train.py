@@ -26,10 +26,10 @@ from styled_vq.kmeans import kmeans, load_centres, load_shards
 from train_runtime import RuntimeConfig, Task, Trainer
 from train_runtime import checkpoint as ckpt
 from train_runtime import distributed as distrib
-from train_runtime.config import to_dict
+from train_runtime.config import path_field, to_dict
 from vae_train.styled import StyledVQ, StyledVQConfig
-from zh_t2i_base.cli import UserError, user_errors
-from zh_t2i_base.fileio import atomic_path, ensure_writable_dir, write_json
+from zh_t2i_base.cli import PathArg, UserError, user_errors
+from zh_t2i_base.fileio import atomic_path, ensure_writable_dir, read_structured, require_keys, write_json
 from zh_t2i_base.images import save_image_grid
 
 
@@ -37,14 +37,19 @@ from zh_t2i_base.images import save_image_grid
 class SVQTrainConfig:
     stage: int = 1  # 1: continuous tokens; 2: fine-tune through the frozen codebook (straight-through)
     preset: str = ""  # named model sizes (full, tiny36, tiny36-64px, micro8, small) as defaults for the model flags
-    train_data: str = ""  # CSV / JSONL / image folder (form_data formats) or the original's JSON list of paths
-    val_data: str = ""  # held-out images for MSE / PSNR (and codebook usage in stage 2)
-    init_from: str = ""  # our run dir / ckpt-*.pt / model.safetensors to start from (required in stage 2)
-    codebook: str = ""  # stage 2: k-means centres (`python -m styled_vq kmeans`), unless init_from has a codebook
+    # CSV / JSONL / image folder (form_data formats) or the original's JSON list of paths
+    train_data: str = path_field(PathArg("in", content="images"))
+    # held-out images for MSE / PSNR (and codebook usage in stage 2)
+    val_data: str = path_field(PathArg("in", content="images"))
+    # our run dir / ckpt-*.pt / model.safetensors to start from (required in stage 2)
+    init_from: str = path_field(PathArg("in", content="checkpoint"))
+    # stage 2: k-means centres (`python -m styled_vq kmeans`), unless init_from has a codebook
+    codebook: str = path_field(PathArg("in", "file", "checkpoint"))
     random_crop: bool = False  # RandomResizedCrop(scale 0.75-1); else resize + centre crop
     perceptual_weight: float = 1.0  # LPIPS weight; on only when --lpips-vgg (and --lpips-lin) are given
-    lpips_vgg: str = ""  # local torchvision vgg16 state dict (or a taming checkpoint holding LPIPS)
-    lpips_lin: str = ""  # local LPIPS vgg.pth (lin layers)
+    # local torchvision vgg16 state dict (or a taming checkpoint holding LPIPS)
+    lpips_vgg: str = path_field(PathArg("in", "file", "checkpoint"))
+    lpips_lin: str = path_field(PathArg("in", "file", "checkpoint"))  # local LPIPS vgg.pth (lin layers)
     grad_checkpointing: bool = False  # activation checkpointing of every transformer block
     eval_images: int = 256  # val images for the metrics
 
@@ -242,7 +247,11 @@ def build_codebook(features: str, k: int, out: str, iters: int = 50, tol: float 
         meta_path = Path(features) / "meta.json"
         if not meta_path.is_file():
             raise UserError(f"{features}: no meta.json; is it the output directory of `python -m styled_vq dump`?")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = read_structured(meta_path, "meta.json of `python -m styled_vq dump`")
+        require_keys(meta, ("shards", "emb_dim"), meta_path, "meta.json of `python -m styled_vq dump`")
+        if not (isinstance(meta["shards"], list) and all(isinstance(s, str) for s in meta["shards"])
+                and isinstance(meta["emb_dim"], int) and not isinstance(meta["emb_dim"], bool)):
+            raise UserError(f"{meta_path}: 'shards' must be a list of file names and 'emb_dim' an integer")
         out_path = Path(out)
         if env.is_main:
             ensure_writable_dir(out_path.parent if str(out_path.parent) else ".")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import re
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from zh_t2i_base.cli import UserError, user_errors
+from zh_t2i_base.cli import IN_DIR, IN_FILE, OUT_DIR, OUT_FILE, UserError, run, user_errors
+from zh_t2i_base.fileio import ensure_writable_dir, read_structured
 from zh_t2i_base.images import save_image_grid, to_pil, to_uint8
 from zh_t2i_base.retrieval import ranks, recall_metrics
 
@@ -50,3 +54,50 @@ def test_numbered_images_from_one_listing(tmp_path):
     found = numbered_images(tmp_path)
     assert {i: p.name for i, p in found.items()} == {0: "0.png", 1: "1.png", 2: "2.JPEG"}
     assert numbered_images(tmp_path, (".jpg", ".png"))[1].name == "1.jpg"  # the extension listed first wins
+
+
+def test_path_args_check_without_creating_anything(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    assert OUT_FILE(str(tmp_path / "new" / "deeper" / "out.json")) == str(tmp_path / "new" / "deeper" / "out.json")
+    assert OUT_DIR(str(tmp_path / "run")) and OUT_DIR(str(tmp_path)) and IN_FILE(str(tmp_path / "f.txt"))
+    for arg, value, message in [
+        (OUT_FILE, tmp_path, "is a directory"), (OUT_FILE, tmp_path / "f.txt" / "x.json", "is not a directory"),
+        (OUT_DIR, tmp_path / "f.txt", "exists and is not a directory"), (IN_FILE, tmp_path, "is a directory"),
+        (IN_FILE, tmp_path / "nope", "not found"), (IN_DIR, tmp_path / "f.txt", "is not a directory"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            arg(str(value))
+    assert sorted(tmp_path.rglob("*")) == before  # the write probe is removed, no directory is made
+    assert OUT_DIR("") == ""  # an empty value means "not given"
+
+
+def test_structured_files_fail_in_one_line_naming_the_file(tmp_path):
+    cases = {"a.json": (b'{"a": 1,', "a.json:1: not valid JSON"), "b.json": (b"[1, 2]", "expected an object"),
+             "c.json": (b"\xff\xfe{}", "not valid UTF-8"), "d.yaml": (b"a: [1\nb: 2\n", "d.yaml:2: not valid YAML"),
+             "e.yaml": (b"- 1\n", "expected an object")}
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match=re.escape(message)):
+            read_structured(tmp_path / name, "test file", yaml=name.endswith(".yaml"))
+    with pytest.raises(UserError, match="test file not found"):
+        read_structured(tmp_path / "none.json", "test file")
+    (tmp_path / "ok.yaml").write_text("lr: 1e-3\n")
+    assert read_structured(tmp_path / "ok.yaml", yaml=True) == {"lr": "1e-3"}  # YAML 1.1: a string, see check_value
+
+
+def test_run_reports_user_errors_only_and_removes_the_directories_it_made(tmp_path, capsys):
+    def failing(argv):
+        ensure_writable_dir(tmp_path / "out" / "deep")
+        raise UserError("bad input\nsecond line")
+
+    with pytest.raises(SystemExit) as e:
+        run(failing, [], prog="prog")
+    assert e.value.code == 2 and capsys.readouterr().err == "prog: error: bad input second line\n"
+    assert not (tmp_path / "out").exists()
+
+    def buggy(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        run(buggy, [], prog="prog")

@@ -76,7 +76,7 @@ def test_extract_errors(cli, checkpoint, tmp_path):
     assert "no [\"sur_text\", text] pair" in run({**good, "sentences": [["alt_text", "猫"]]})
     assert "'bbox' must be a list of [x1, y1, x2, y2]" in run({**good, "bbox": [[1, 2, 3]]})
     assert "string 'image_id'" in run({"sentences": good["sentences"]})
-    with pytest.raises(UserError, match="checkpoint not found"):
+    with pytest.raises(SystemExit, match="2"):  # a missing file is refused while the flags are parsed
         extract.main(["--cfg", str(TINY_CFG), "--checkpoint", str(tmp_path / "none.pth"), "--features", str(feats),
                       "--image-root", str(TINY)])
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
@@ -85,6 +85,39 @@ def test_extract_errors(cli, checkpoint, tmp_path):
         extract.main(["--cfg", str(TINY_CFG), "--checkpoint", str(checkpoint), "--jsonl", str(jsonl),
                       "--features", str(feats), "--image-root", str(TINY), "--workers", "1"])
     assert not feats.exists() or not any(feats.iterdir())
+
+
+def test_extract_skips_broken_images_and_keeps_rows_paired(cli_fast, checkpoint, tmp_path):
+    """Broken images are left out with their texts (np_img / np_text rows stay paired) and listed in skipped.json by
+    jsonl line; a jsonl whose images are all broken is one line, exit 2, and writes nothing."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image\n", encoding="utf-8")
+    (tmp_path / "cut.png").write_bytes((TINY / "images/b.png").read_bytes()[:30])
+    rows = [json.loads(x) for x in (TINY / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    broken = [{**rows[1], "image_id": str(tmp_path / "empty.png")}, {**rows[3], "image_id": str(tmp_path / "text.png")}]
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [rows[0], broken[0], rows[2], broken[1]])
+                     + "\n", encoding="utf-8")
+    feats = tmp_path / "feats"
+    args = ["-m", "brivl_infer.extract", "--cfg", str(TINY_CFG), "--checkpoint", str(checkpoint), "--features",
+            str(feats), "--image-root", str(TINY), "--batch-size", "3", "--device", "cpu", "--workers", "0"]
+    r = cli_fast(*args, "--jsonl", str(jsonl))
+    assert r.returncode == 0, r.stderr
+    assert "skipped 2 sample(s) whose image cannot be read" in r.stdout and "wrote 2 image and text" in r.stdout
+    ref = np.load(TINY / "parity.npz")
+    img, text = np.load(feats / "np_img.npy"), np.load(feats / "np_text.npy")
+    assert img.shape == text.shape == (2, 1280)
+    assert np.abs(img - ref["np_img"][[0, 2]]).max() < 1e-5 and np.abs(text - ref["np_text"][[0, 2]]).max() < 1e-5
+    report = json.loads((feats / "skipped.json").read_text(encoding="utf-8"))
+    assert report["skipped"] == 2
+    assert [(s["line"], s["image"]) for s in report["samples"]] == [(2, str(tmp_path / "empty.png")),
+                                                                   (4, str(tmp_path / "text.png"))]
+    # all broken: one line, exit 2, the earlier features stay as they were
+    jsonl.write_text("\n".join(json.dumps({**rows[0], "image_id": str(tmp_path / n)})
+                               for n in ("empty.png", "text.png", "cut.png")) + "\n", encoding="utf-8")
+    line = one_line_error(cli_fast(*args, "--jsonl", str(jsonl)))
+    assert "no readable image among its 3 samples" in line
+    assert np.load(feats / "np_img.npy").shape == (2, 1280)
 
 
 def test_recall_ties_break_to_the_lower_index():

@@ -107,8 +107,6 @@ def prepare(case: str, gen_dir: Path, tmp_path: Path, ckpt: Path) -> list[str]:
     n, directory, scorer = "5", str(gen_dir), f"clip:{ckpt}"
     if case == "n_too_large":
         n = "7"
-    elif case == "missing_dir":
-        directory = str(tmp_path / "nowhere")
     elif case == "unknown_scorer":
         scorer = "dalle:x"
     elif case == "bad_checkpoint":
@@ -136,7 +134,6 @@ def test_bad_inputs_are_one_line_errors(cli, cli_fast, ckpt, gen_dir, tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
-    ("missing_dir", "image directory not found"),
     ("brivl_paths", "none.yml"),
 ])
 def test_more_bad_inputs_raise_user_errors(ckpt, gen_dir, tmp_path, case, message):

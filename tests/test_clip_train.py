@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -190,9 +189,9 @@ def test_epochs_and_the_seed_flags(data):
     from clip_train.__main__ import RUNTIME_DEFAULTS, train_parser
     from train_runtime.config import parse_configs
 
-    argv = ["--train-data", "x.csv", "--batch-size", "64", "--lr", "1e-4", "--wd", "0.1", "--epochs", "3",
-            "--warmup", "7", "--workers", "0", "--model", "RN50", "--save-frequency", "2", "--val-frequency", "1",
-            "--csv-img-key", "filepath", "--csv-caption-key", "title", "--report-to", "none"]
+    argv = ["--train-data", str(data / "train_clip.csv"), "--batch-size", "64", "--lr", "1e-4", "--wd", "0.1",
+            "--epochs", "3", "--warmup", "7", "--workers", "0", "--model", "RN50", "--save-frequency", "2",
+            "--val-frequency", "1", "--csv-img-key", "filepath", "--csv-caption-key", "title", "--report-to", "none"]
     _, (cc, rc) = parse_configs(train_parser(), argv, ClipConfig, RuntimeConfig, defaults=RUNTIME_DEFAULTS)
     assert (cc.model, cc.epochs, rc.weight_decay, rc.warmup_steps, rc.lr) == ("RN50", 3, 0.1, 7, 1e-4)
     rc = epoch_schedule(cc, rc, 1000, world_size=2)
@@ -216,6 +215,41 @@ def test_in_memory_images_are_bit_identical_and_skips_count_once(data, tmp_path)
     assert again["caption"] == base[0]["caption"] and again["index"] == 1
     with pytest.raises(UserError, match="--cache-images needs --workers 0"):
         train(clip_config(data, cache_images=True), RuntimeConfig(out_dir=str(tmp_path / "run"), workers=2))
+
+
+def test_eval_leaves_a_broken_row_out_of_both_sides(data, tmp_path, cli_fast):
+    """Image i pairs with caption i: a row whose image is broken is dropped whole (never the next image paired with
+    this caption), counted and named; a listing with no readable image is one line, exit 2."""
+    run = tmp_path / "run"
+    train(clip_config(data, val_data="", val_attributes=""),
+          RuntimeConfig(out_dir=str(run), max_steps=1, lr=1e-3, batch_size=32, workers=0))
+    lines = (data / "val_clip.csv").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "val").symlink_to(data / "val")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("这不是图片\n", encoding="utf-8")
+    (tmp_path / "cut.png").write_bytes((data / lines[1].split("\t")[1]).read_bytes()[:40])
+    bad = ["坏图\tempty.png", "坏图\ttext.png", "坏图\tcut.png"]
+    listings = {"mixed": [lines[1], bad[0], *lines[2:4], bad[1], *lines[4:9], bad[2]], "clean": lines[1:9],
+                "broken": bad}
+    for name, rows in listings.items():
+        (tmp_path / f"{name}.csv").write_text("\n".join([lines[0], *rows]) + "\n", encoding="utf-8")
+
+    def evaluate(name: str, workers: str) -> tuple[dict, str]:
+        r = cli_fast("-m", "clip_train", "eval", "--checkpoint", str(run), "--data", str(tmp_path / f"{name}.csv"),
+                     "--workers", workers, "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+    got, err = evaluate("mixed", "1")
+    want, _ = evaluate("clean", "0")
+    assert got["num_samples"] == want["num_samples"] == 8 and got["skipped"] == 3 and want["skipped"] == 0
+    assert [Path(p).name for p in got["skipped_paths"]] == ["empty.png", "text.png", "cut.png"]
+    assert "skipped 3 unreadable image(s)" in err and "other 8 pairs" in err
+    for key in ("val_loss", "i2t_R@1", "t2i_R@5", "i2t_mean_rank", "t2i_median_rank"):
+        assert got[key] == pytest.approx(want[key], abs=1e-5), key
+    line = one_line_error(cli_fast("-m", "clip_train", "eval", "--checkpoint", str(run), "--data",
+                                   str(tmp_path / "broken.csv"), "--workers", "1", "--device", "cpu"))
+    assert "no readable image among its 3 listed files" in line
 
 
 def test_hf_text_tower_from_a_local_directory(data, tmp_path):
@@ -263,16 +297,15 @@ def test_cli_error_is_one_line(data, tmp_path, cli):
 
 @pytest.mark.parametrize("extra, message", [
     (["--csv-separator", ";;"], "--csv-separator must be one character"),
-    (["--val-attributes", "nowhere.jsonl"], "no such file: nowhere.jsonl"),
+    (["--val-attributes", "nowhere.jsonl"], "--val-attributes/--val_attributes: not found: nowhere.jsonl"),
     (["--zeroshot-template", "一张图片"], "--zeroshot-template must contain {}"),
     (["--text-model", "hfl/chinese-roberta-wwm-ext"], "not a local directory"),
 ])
-def test_bad_options_raise_user_errors_before_any_output(data, tmp_path, extra, message):
-    from clip_train.__main__ import main
-
-    with pytest.raises(UserError, match=re.escape(message)):
-        main(["--train-data", str(data / "train_clip.csv"), "--val-data", str(data / "val_clip.csv"),
-              "--vocab", str(data / "vocab.txt"), "--out-dir", str(tmp_path / "run"), *extra])
+def test_bad_options_raise_user_errors_before_any_output(data, tmp_path, extra, message, cli_fast):
+    r = cli_fast("-m", "clip_train", "--train-data", str(data / "train_clip.csv"), "--val-data",
+                 str(data / "val_clip.csv"), "--vocab", str(data / "vocab.txt"), "--out-dir", str(tmp_path / "run"),
+                 *extra)
+    assert message in one_line_error(r)
     assert not (tmp_path / "run").exists()
 
 

@@ -271,7 +271,7 @@ def test_dalle_gen_bad_inputs_exit_2(trained, tmp_path, cli, cli_fast, pipeline)
     ck, fast = str(trained), cli_fast  # one real process below; the rest in-process
     assert "not found" in one_line_error(cli("dalle_gen.py", "红色", "2", str(tmp_path / "a"), "--checkpoint",
                                              str(tmp_path / "missing")))
-    assert "N must be >= 1" in one_line_error(fast("dalle_gen.py", "红色", "0", str(tmp_path / "b"),
+    assert "must be an integer >= 1" in one_line_error(fast("dalle_gen.py", "红色", "0", str(tmp_path / "b"),
                                                    "--checkpoint", ck))
     blocker = tmp_path / "file"
     blocker.write_text("x")

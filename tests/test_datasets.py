@@ -22,8 +22,11 @@ from form_data.datasets import (
     ImageCache,
     ImageFolderDataset,
     JsonlImageText,
+    NoReadableImage,
+    StrictRows,
     WebDatasetShards,
     collate,
+    collate_rows,
     default_transform,
     expand_shards,
     load_image,
@@ -422,10 +425,50 @@ def test_broken_run_and_wraparound(tmp_path):
     assert (ds[5]["index"], ds[5]["skipped"]) == (0, 1)  # wraps to the start
 
 
-def test_nothing_readable_raises(tmp_path):
-    ds = CsvImageText(_csv(tmp_path, n=3, broken={0: "corrupt", 1: "text", 2: "truncated"}), image_size=SIZE)
-    with pytest.raises(RuntimeError, match="no readable image"):
-        ds[0]
+@pytest.mark.parametrize("cache", [True, False])
+def test_nothing_readable_is_refused_when_opened(tmp_path, cache):
+    path = _csv(tmp_path, n=4, broken={0: "corrupt", 1: "text", 2: "truncated", 3: "zero_byte"})
+    with pytest.raises(NoReadableImage, match="no readable image among its 4 listed files") as e:
+        CsvImageText(path, image_size=SIZE, cache=cache)
+    assert isinstance(e.value, UserError)  # one line, exit 2 in every CLI
+    assert CsvImageText(_csv(tmp_path / "ok", n=3, broken={0: "corrupt", 1: "text"}), image_size=SIZE,
+                        cache=cache)[0]["index"] == 2
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_rows_are_read_without_fall_through(tmp_path, cache):
+    broken = {1: "corrupt", 2: "zero_byte", 5: "text"}
+    ds = CsvImageText(_csv(tmp_path, n=6, broken=broken), image_size=SIZE, cache=cache)
+    assert [ds.row(i) is None for i in range(6)] == [i in broken for i in range(6)]
+    s = ds.row(3)
+    assert (s["index"], s["skipped"], s["caption"]) == (3, 0, _captions(6)[3])
+    assert torch.equal(s["image"], ds[3]["image"]) and torch.equal(ds.row(-6)["image"], ds[0]["image"])
+    loader = DataLoader(StrictRows(ds), batch_size=4, num_workers=0, collate_fn=collate_rows)
+    batches = list(loader)
+    assert [b["index"].tolist() for b, _ in batches] == [[0, 3], [4]]
+    assert [left for _, left in batches] == [[1, 2], [5]]
+    assert collate_rows([(0, None)]) == (None, [0])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera JPEG stored landscape with Orientation=6 ("rotate 90 CW to view") comes out portrait."""
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 16, 20))  # blue stripe on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(img, "JPEG", quality=95, exif=exif.tobytes())
+    (tmp_path / "a.jpg").write_bytes(data)
+    for src in (tmp_path / "a.jpg", data):
+        out = load_image(src)
+        assert out.size == (20, 40)  # turned upright
+        top, bottom = out.getpixel((10, 2)), out.getpixel((10, 37))
+        assert top[2] > 200 and top[0] < 60 and bottom[0] > 200  # the stored left edge is now on top
+    plain = load_image(_encode(img, "JPEG", quality=95))
+    assert plain.size == (40, 20)
+    # a listing reads it upright too (the image cache holds upright pixels)
+    (tmp_path / "l.csv").write_text("title\tfilepath\n竖图\ta.jpg\n", encoding="utf-8")
+    item = CsvImageText(tmp_path / "l.csv", transform=default_transform(SIZE))[0]["image"]
+    assert item[2, 1, SIZE // 2] > 0.8 and item[0, -2, SIZE // 2] > 0.8
 
 
 def test_dataloader_workers_sum_skipped(tmp_path):

@@ -122,6 +122,36 @@ def test_export_to_another_dir_keeps_paths_relative(pipeline, tmp_path):
     assert path.startswith("../") and (tmp_path / "exports" / path).resolve().is_file()
 
 
+def test_export_counts_what_it_leaves_out(tmp_path, cli_fast):
+    """A .gif (no trainer format), a failed download, unreadable metadata and a sample without its image are left
+    out, counted per reason in the printed summary and export_report.json; never silently dropped."""
+    shard = tmp_path / "dl" / "train" / "00000"
+    shard.mkdir(parents=True)
+
+    def sample(key: str, meta: dict | str, image: str | None = None) -> None:
+        (shard / f"{key}.json").write_text(meta if isinstance(meta, str) else json.dumps(meta), encoding="utf-8")
+        if image:
+            Image.new("RGB", (8, 8), (200, 30, 30)).save(shard / f"{key}.{image}")
+
+    ok = {"status": "success", "caption": "红色圆形"}
+    sample("000000000", {**ok, "key": "000000000"}, "png")
+    sample("000000001", {**ok, "key": "000000001"}, "gif")
+    sample("000000002", {**ok, "key": "000000002"}, "gif")
+    sample("000000003", {"status": "failed_to_download", "key": "000000003"})
+    sample("000000004", "{not json")
+    sample("000000005", {**ok, "key": "000000005"})
+    sample("000000006", {**ok, "key": "000000006"}, "jpg")
+    r = cli_fast("-m", "form_data", "export", str(tmp_path / "dl"), "--splits", "train", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "train: 2 samples" in r.stdout
+    assert ("skipped 5 (failed_download 1, no_image 1, unreadable_json 1, unsupported_gif 2)" in r.stdout), r.stdout
+    report = json.loads((tmp_path / "dl" / "export_report.json").read_text(encoding="utf-8"))
+    assert report["samples"] == {"train": 2}
+    assert report["skipped"] == {"train": {"failed_download": 1, "no_image": 1, "unreadable_json": 1,
+                                           "unsupported_gif": 2}}
+    assert len((tmp_path / "dl" / "train_clip.csv").read_text(encoding="utf-8").splitlines()) == 3
+
+
 @pytest.mark.parametrize("message, kind", [("HTTP Error 404: File not found", "http_404"),
                                            ("image too small", "too_small"),
                                            ("aspect ratio too large", "too_elongated"),
@@ -176,14 +206,14 @@ def test_holdout_spec():
 
 
 def test_cli_errors_download_export_synth(tmp_path, cli, cli_fast):
-    assert "split file not found" in one_line_error(
+    assert "argument splits_dir: not found" in one_line_error(
         cli("-m", "form_data", "download", str(tmp_path / "nope"), "--out", str(tmp_path / "o")))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad/train.csv").write_text("link,text\nhttp://x,米饭\n", encoding="utf-8")
     (tmp_path / "bad/val.csv").write_text("url,caption\n", encoding="utf-8")
     assert "expected header url,caption" in one_line_error(
         cli_fast("-m", "form_data", "download", str(tmp_path / "bad"), "--out", str(tmp_path / "o")))
-    assert "download directory not found" in one_line_error(cli_fast("-m", "form_data", "export", str(tmp_path / "x")))
+    assert "argument root: not found" in one_line_error(cli_fast("-m", "form_data", "export", str(tmp_path / "x")))
     assert "none of the split folders" in one_line_error(cli_fast("-m", "form_data", "export", str(tmp_path / "bad")))
     assert "--image-size" in one_line_error(
         cli_fast("-m", "form_data", "synth", "--out", str(tmp_path / "s"), "--image-size", "1000"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -302,3 +303,76 @@ def test_cpu_bf16_training_and_the_precision_chooser(tmp_path, monkeypatch):
     assert tr.cpu_training_precision() == "bf16"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert tr.cpu_training_precision() == "fp32"
+
+
+class Augmented(torch.utils.data.Dataset):
+    """toy_data with a random "augmentation" drawn from the global torch, numpy and python RNGs, as torchvision's
+    random crops and flips draw theirs."""
+
+    def __init__(self):
+        self.base = toy_data()
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        x, y = self.base[i]
+        return x + 0.1 * torch.randn(8) + 0.01 * float(np.random.rand()) + 0.01 * random.random(), y
+
+
+def test_resume_mid_epoch_with_workers_and_random_augmentation_matches_the_uninterrupted_run(tmp_path):
+    """Each item's random draws depend on (seed, epoch, index) alone, not on which worker reads it or where the
+    epoch began: a run stopped after its first step and resumed with 2 workers retraces the uninterrupted one."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    Trainer(cfg(full, workers=2, max_steps=16), Toy(), Augmented()).fit()
+    Trainer(cfg(part, workers=2, max_steps=16, max_time=1e-9), Toy(), Augmented()).fit()  # stops mid-epoch
+    Trainer(cfg(part, workers=2, max_steps=16, resume="latest"), Toy(), Augmented()).fit()
+    a, b = losses(full), losses(part)
+    assert sorted(a) == sorted(b) == list(range(1, 17))  # across the epoch boundary (12 batches an epoch)
+    assert a == b
+    # and the draws do not depend on the number of workers either
+    Trainer(cfg(tmp_path / "serial", workers=0, max_steps=16), Toy(), Augmented()).fit()
+    assert losses(tmp_path / "serial") == a
+
+
+def test_config_file_values_pass_the_checks_of_their_flags(tmp_path):
+    """A --config value is converted and checked as its flag would be (type, range, finiteness, path), with the
+    option's name in the one-line error; YAML's string "1e-3" is a number, as on the command line."""
+    from dataclasses import dataclass
+
+    from train_runtime.config import parse_configs, path_field, training_parser
+    from zh_t2i_base.cli import PathArg
+
+    @dataclass
+    class Model:
+        width: int = 8
+        scale: float = 1.0
+        tied: bool = False
+        sizes: tuple[int, ...] = (1, 2)
+        data: str = path_field(PathArg("in", "file"))
+
+    (tmp_path / "d.csv").write_text("x\n")
+    good = tmp_path / "good.yaml"
+    good.write_text(f"width: 16\nscale: 1e-3\nlr: '2e-4'\ntied: true\nsizes: [3, 4]\ndata: {tmp_path / 'd.csv'}\n"
+                    f"out_dir: {tmp_path / 'run'}\n")
+    parser = training_parser("prog", "", Model, {})
+    _, (m, rc) = parse_configs(parser, ["--config", str(good), "--width", "32"], Model, RuntimeConfig)
+    assert (m.width, m.scale, m.tied, m.sizes, rc.lr) == (32, 1e-3, True, (3, 4), 2e-4)  # the flag beats the file
+    (tmp_path / "f").write_text("x")
+    for text, message in [("width: abc", "option 'width': expected an integer, got 'abc'"),
+                          ("width: 2.5", "option 'width': expected an integer, got 2.5"),
+                          ("scale: .nan", "option 'scale': must be a finite number"),
+                          ("tied: 'yes'", "option 'tied': expected true or false"),
+                          ("sizes: [1, x]", "option 'sizes': expected an integer, got 'x'"),
+                          ("width: [1, 2]", "option 'width': expected"),
+                          (f"data: {tmp_path / 'nope.csv'}", "option 'data': not found"),
+                          (f"out_dir: {tmp_path / 'f' / 'run'}", "option 'out_dir': cannot write"),
+                          ("lr: 1e39", "bad RuntimeConfig options: lr must be in")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text + "\n")
+        with pytest.raises(UserError, match=re.escape(message)):
+            parse_configs(parser, ["--config", str(bad)], Model, RuntimeConfig)

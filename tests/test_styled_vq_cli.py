@@ -87,7 +87,7 @@ def test_convert_original_checkpoint_and_cli_errors(tmp_path, cli, capsys):
     assert "does not match a v1 model" in one_line_error(r)
     assert not (tmp_path / "c").exists()
     with pytest.raises(SystemExit) as e:
-        main(["analyze", "--model", str(out), "--data", "x.csv", "--out", str(tmp_path / "a"), "--images", "1"])
+        main(["analyze", "--model", str(out), "--data", str(out), "--out", str(tmp_path / "a"), "--images", "1"])
     assert e.value.code == 2 and "must be an integer >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--help"])

@@ -134,14 +134,16 @@ def test_training_user_errors(data, tmp_path):
         (["--stage", "3", "--train-data", csv], "--stage must be 1 or 2"),
         (["--image-size", "18", "--patch-size", "4", "--train-data", csv], "not divisible by patch_size"),
         (["--preset", "micro8"], "--train-data is required"),
-        (["attach", "--model", str(tmp_path / "stage1"), "--codebook", str(tmp_path / "none.pt"), "--out",
-          str(tmp_path / "o")], "codebook file not found"),
         (["kmeans", "--features", str(tmp_path), "--k", "4", "--out", str(tmp_path / "c.pt")], "no meta.json"),
-        (["dump", "--model", str(tmp_path / "nope"), "--data", csv, "--out", str(tmp_path / "f")], "not found"),
     ]
     for argv, needle in cases:
         with pytest.raises(UserError, match=needle):
             main([*argv, "--out-dir", str(tmp_path / "run")] if argv[0].startswith("--") else argv)
+    with pytest.raises(SystemExit, match="2"):  # a missing input is refused while the flags are parsed
+        main(["attach", "--model", str(tmp_path / "stage1"), "--codebook", str(tmp_path / "none.pt"), "--out",
+              str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="2"):
+        main(["dump", "--model", str(tmp_path / "nope"), "--data", csv, "--out", str(tmp_path / "f")])
     bad = tmp_path / "bad.pt"
     torch.save({"centres": torch.randn(4, 3)}, bad)
     with pytest.raises(UserError, match=r"codebook must have shape \[K, 8\]"):

@@ -181,6 +181,116 @@ def test_tokenize_eval_and_loading_any_form(data, tmp_path):
     assert (tmp_path / "grid.png").is_file()
 
 
+TAMING = REPO / "tests" / "fixtures" / "taming_tiny"
+
+
+def _broken_files(folder: Path) -> list[str]:
+    """A zero-byte PNG, a text file named .png and a truncated PNG in ``folder``; their names."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("这不是图片\n", encoding="utf-8")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (folder / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return ["empty.png", "text.png", "cut.png"]
+
+
+def _listing(data: Path, tmp_path: Path, rows: list[str]) -> Path:
+    """A CSV beside ``tmp_path/val`` (-> the synthetic val split): ``rows`` are val row numbers (1-based, as lines of
+    val_clip.csv) or broken file names."""
+    lines = (data / "val_clip.csv").read_text(encoding="utf-8").splitlines()
+    if not (tmp_path / "val").exists():
+        (tmp_path / "val").symlink_to(data / "val")
+    path = tmp_path / f"list{len(list(tmp_path.glob('list*.csv')))}.csv"
+    body = [lines[r] if isinstance(r, int) else f"坏图\t{r}" for r in rows]
+    path.write_text("\n".join([lines[0], *body]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_eval_leaves_broken_rows_out_and_names_recons_by_row(data, tmp_path, cli_fast):
+    bad = _broken_files(tmp_path)
+    mixed = _listing(data, tmp_path, [1, bad[0], 2, 3, bad[1], 4, 5, bad[2]])
+    clean = _listing(data, tmp_path, [1, 2, 3, 4, 5])
+
+    def evaluate(listing: Path, recon: Path) -> tuple[dict, str]:
+        r = cli_fast("-m", "vae_train", "eval", "--tokenizer", str(TAMING), "--data", str(listing), "--device", "cpu",
+                     "--save-recon", str(recon), "--out", str(recon) + ".json")
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        assert json.loads(Path(str(recon) + ".json").read_text(encoding="utf-8")) == got
+        return got, r.stderr
+
+    got, err = evaluate(mixed, tmp_path / "mixed")
+    want, _ = evaluate(clean, tmp_path / "clean")
+    assert got["images"] == 5 and got["skipped"] == 3 and want["skipped"] == 0
+    assert [Path(p).name for p in got["skipped_paths"]] == bad
+    assert "skipped 3 unreadable image(s)" in err and "cover the other 5" in err
+    for key in ("psnr", "ssim", "n_psnr", "used", "perplexity"):  # the broken rows count nowhere
+        assert got[key] == pytest.approx(want[key]), key
+    # {i}.png for each readable row i: its own reconstruction, none for a broken row
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == [f"{i}.png" for i in (0, 2, 3, 5, 6)]
+    for i, j in ((0, 0), (2, 1), (3, 2), (5, 3), (6, 4)):
+        assert (tmp_path / "mixed" / f"{i}.png").read_bytes() == (tmp_path / "clean" / f"{j}.png").read_bytes()
+    # only broken rows within --max-images: one line, exit 2
+    line = one_line_error(cli_fast("-m", "vae_train", "eval", "--tokenizer", str(TAMING), "--data",
+                                   str(_listing(data, tmp_path, [bad[0], 1])), "--max-images", "1", "--device", "cpu"))
+    assert "no readable image among its first 1 rows" in line
+
+
+def test_every_command_refuses_a_listing_with_no_readable_image(data, tmp_path, cli_fast):
+    folder = tmp_path / "bad"
+    _broken_files(folder)
+    (folder / "zero.jpg").write_bytes(b"")
+    listing = _listing(data, tmp_path, _broken_files(tmp_path))
+    commands = [
+        ["eval", "--tokenizer", str(TAMING), "--data", str(folder), "--device", "cpu"],
+        ["eval", "--tokenizer", str(TAMING), "--data", str(listing), "--device", "cpu"],
+        ["tokenize", "--tokenizer", str(TAMING), "--data", str(folder), "--out", str(tmp_path / "t.pt"),
+         "--workers", "1", "--device", "cpu"],
+        [*TINY, "--train-data", str(folder), "--out-dir", str(tmp_path / "run")],
+        [*TINY, "--train-data", str(tmp_path / "list0.csv"), "--random-crop", "--out-dir", str(tmp_path / "run")],
+    ]
+    for args in commands:
+        line = one_line_error(cli_fast("-m", "vae_train", *args))
+        assert "no readable image among its" in line and "listed files" in line, (args, line)
+    assert not (tmp_path / "t.pt").exists() and not (tmp_path / "run").exists()
+
+
+def test_tokenize_reads_webdataset_shards(data, tmp_path, cli_fast):
+    import io
+    import tarfile
+
+    from form_data.export import export
+    from vae_train.tokenize import tokenize
+
+    export(data, tmp_path / "ex", splits=("val",), webdataset=True, progress=False)
+    shards = tmp_path / "ex" / "wds"
+    extra = [("k0", ".jpg", b"\xff\xd8 not a jpeg"), ("k0", ".txt", "坏图".encode()),
+             ("k1", ".png", (data / "val_clip.csv").parent.joinpath(
+                 (data / "val_clip.csv").read_text(encoding="utf-8").splitlines()[1].split("\t")[1]).read_bytes()),
+             ("k1", ".txt", "好图".encode())]
+    with tarfile.open(shards / "val-99999.tar", "w") as tar:  # a broken sample, then a good one
+        for key, ext, blob in extra:
+            info = tarfile.TarInfo(key + ext)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    r = cli_fast("-m", "vae_train", "tokenize", "--tokenizer", str(TAMING), "--data", str(shards), "--out",
+                 str(tmp_path / "wds.pt"), "--workers", "0", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["samples"] == 17
+    got = torch.load(tmp_path / "wds.pt", weights_only=True)
+    assert got["tokens"].shape == (17, 64) and got["skipped"] == 1 and got["captions"][-1] == "好图"
+    tokenize(str(TAMING), str(data / "val_clip.csv"), tmp_path / "csv.pt", workers=0, progress=False)
+    want = torch.load(tmp_path / "csv.pt", weights_only=True)
+    assert torch.equal(got["tokens"][:16], want["tokens"]) and got["captions"][:16] == want["captions"]
+    assert torch.equal(got["tokens"][16], want["tokens"][0])
+
+
 def test_load_image_tokenizer_taming_pair_and_errors(tmp_path):
     fixture = REPO / "tests" / "fixtures" / "taming_tiny"
     model = load_image_tokenizer(fixture / "last.ckpt", yaml_path=fixture / "model.yaml")
@@ -203,14 +313,15 @@ def test_cli_bad_input_is_one_line_exit_2(data, tmp_path, cli, cli_fast):
         ([*TINY, "--train-data", train_csv, "--batch-size", "0"], "--batch-size"),
         ([*TINY, "--train-data", train_csv, "--lr", "abc"], "invalid float"),
         ([*TINY, "--train-data", train_csv, "--lr", "1e39"], "lr must be in (0, 1000]"),
-        ([*TINY, "--train-data", train_csv, "--grad-clip", "nan"], "grad_clip must be a finite number"),
+        ([*TINY, "--train-data", train_csv, "--grad-clip", "nan"], "--grad-clip/--grad_clip: must be a finite number"),
         ([*TINY, "--train-data", train_csv, "--precision", "fp16", "--device", "cpu"], "fp16"),
         ([*TINY, "--train-data", train_csv, "--frobnicate"], "unrecognized"),
         ([*TINY], "--train-data is required"),
         ([*TINY, "--train-data", train_csv, "--num-tokens", "0"], "--num-tokens must be >= 1"),
         ([*TINY, "--train-data", train_csv, "--quantizer", "foo"], "bad model options"),
         (["eval", "--tokenizer", str(tmp_path / "none"), "--data", train_csv], "not found"),
-        (["tokenize", "--tokenizer", "x", "--data", train_csv, "--out", str(tmp_path / "t.pt"), "--batch-size", "0"],
+        (["tokenize", "--tokenizer", str(tmp_path), "--data", train_csv, "--out", str(tmp_path / "t.pt"),
+          "--batch-size", "0"],
          "must be an integer >= 1"),
         (["tokenize", "--tokenizer", str(tmp_path / "none"), "--data", train_csv, "--out", str(tmp_path / "t.pt")],
          "not found"),

@@ -13,21 +13,24 @@ import math
 import types
 import typing
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from zh_t2i_base.cli import UserError
+from zh_t2i_base.cli import OUT_DIR, PathArg, UserError, finite_float
+from zh_t2i_base.fileio import read_structured
 
 T = TypeVar("T")
+
+
+def path_field(arg: PathArg, default: str = "") -> Any:
+    """A dataclass field holding a path: its flag (and its value in a --config file) is checked by ``arg``."""
+    return dataclasses.field(default=default, metadata={"type": arg})
 
 
 @dataclass
 class RuntimeConfig:
     """What every training run has, whatever the model."""
 
-    out_dir: str = "runs/train"  # run directory: checkpoints, metrics.jsonl, config.json, grids
+    out_dir: str = path_field(OUT_DIR, "runs/train")  # run directory: checkpoints, metrics.jsonl, config.json, grids
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA where supported, else fp32) | fp32 | bf16 | fp16 (with GradScaler)
@@ -92,7 +95,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str | 
             inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
             target.add_argument(*names, nargs="+", type=inner, metavar=f.name.upper(), **kw)
         else:
-            target.add_argument(*names, type=tp if tp in (int, float, str) else str, metavar=f.name.upper(), **kw)
+            default_kind = finite_float() if tp is float else tp if tp in (int, str) else str
+            kind = (f.metadata or {}).get("type") or default_kind
+            target.add_argument(*names, type=kind, metavar=f.name.upper(), **kw)
 
 
 def training_parser(prog: str, description: str, model_cls: type, defaults: dict,
@@ -111,16 +116,8 @@ def training_parser(prog: str, description: str, model_cls: type, defaults: dict
 def load_config_file(path: str | None) -> dict:
     if not path:
         return {}
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: not valid YAML/JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{p}: expected a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    data = read_structured(path, "config file (option names to values)", yaml=True)
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def build(cls: type[T], values: dict, strict: bool = False) -> T:
@@ -146,16 +143,50 @@ def build(cls: type[T], values: dict, strict: bool = False) -> T:
 def parse_configs(parser: argparse.ArgumentParser, argv, *classes: type,
                   defaults: dict | None = None) -> tuple[argparse.Namespace, list]:
     """Parse ``argv`` into one instance of each dataclass. Precedence: dataclass defaults < ``defaults`` (a package's
-    own, e.g. a higher lr for tokenizers) < ``--config FILE`` < explicit flags."""
+    own, e.g. a higher lr for tokenizers) < ``--config FILE`` < explicit flags. A config file's values pass the same
+    checks as the flags (type, range, path)."""
     args = parser.parse_args(argv)
     explicit = vars(args)
-    from_file = load_config_file(explicit.get("config"))
+    config = explicit.get("config")
+    from_file = load_config_file(config)
     known = set().union(*({f.name for f in fields(c)} for c in classes))
     unknown = sorted(k for k in from_file if k not in known and k not in explicit)
     if unknown:
-        raise UserError(f"unknown option(s) in {explicit.get('config')}: {', '.join(unknown)}")
+        raise UserError(f"unknown option(s) in {config}: {', '.join(unknown)}")
+    actions = {a.dest: a for a in parser._actions}
+    from_file = {k: check_value(actions[k], v, f"{config}: option {k!r}") if k in actions else v
+                 for k, v in from_file.items() if k not in explicit}
     merged = {**(defaults or {}), **from_file, **explicit}
     return args, [build(c, merged) for c in classes]
+
+
+def check_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A value from a config file, converted and checked as its flag's ``action`` would the same text."""
+
+    def one(item: Any) -> Any:
+        if isinstance(item, (dict, list, tuple, bool)) or item is None:
+            raise UserError(f"{where}: expected {getattr(kind, '__name__', 'a value')}, got {item!r}")
+        if kind is int and isinstance(item, float):
+            raise UserError(f"{where}: expected an integer, got {item!r}")
+        try:
+            out = kind(str(item)) if kind is not None else str(item)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            why = str(e) if isinstance(e, argparse.ArgumentTypeError) else \
+                f"expected {'an integer' if kind is int else getattr(kind, '__name__', 'a value')}, got {item!r}"
+            raise UserError(f"{where}: {why}") from None
+        if action.choices is not None and out not in action.choices:
+            raise UserError(f"{where}: {out!r} is not one of {', '.join(map(str, action.choices))}")
+        return out
+
+    kind = action.type
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [one(v) for v in items]
+    return one(value)
 
 
 def to_dict(obj) -> dict:

@@ -6,15 +6,17 @@ accumulation and clipping, AdamW + LR schedule per module, logging, checkpoints,
 
 Reproducibility: the data order of an epoch is a function of (seed, epoch) only, the loader position, every RNG state
 and every optimizer state are in the checkpoint, so ``--resume latest`` after a kill continues the SAME trajectory
-(on CPU, bit for bit; random augmentations inside DataLoader workers are reproducible from epoch starts only).
+(on CPU, bit for bit, with any number of DataLoader workers: see :class:`SeededItems` for random augmentations).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
+import random
 import signal
 import time
 from collections import defaultdict
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from tqdm import tqdm
 
 from train_runtime import checkpoint as ckpt
@@ -82,6 +84,10 @@ class Task:
     def on_load(self, state: dict) -> None:
         """Called after a checkpoint was restored (e.g. to restore a temperature schedule's extra state)."""
 
+    def prepare_run_dir(self, run_dir: Path) -> None:
+        """Called on rank 0 once every check passed and the run directory exists, before the first step: the
+        package's own files in it (e.g. clip_train's ``open_clip_config.json`` and ``vocab.txt``)."""
+
 
 class EpochSampler(Sampler[int]):
     """Per-rank indices of an epoch: a permutation that depends only on (seed, epoch), split across ranks like
@@ -111,11 +117,38 @@ class EpochSampler(Sampler[int]):
         return self.per_rank - self.start
 
 
+class SeededItems(Dataset):
+    """The training set with every random draw an item makes (torch, numpy, ``random``: random crops, flips, ...) a
+    function of (seed, epoch, index) alone, whichever DataLoader worker reads it and wherever the epoch was resumed:
+    each item is read under RNGs seeded from these three (a ``collate_fn``'s draws are not covered). Torch's state is
+    put back afterwards, and in the main process (``--workers 0``) numpy's and python's too."""
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        seed = ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + int(i)) % 2**63
+        # a worker's RNGs serve its items only; the main process (--workers 0) gets its numpy and python states back
+        # too (about 80 us an item, against about 10 us for the rest)
+        saved = (random.getstate(), np.random.get_state()) if get_worker_info() is None else None
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed every CUDA device: 100 us
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                return self.base[i]
+            finally:
+                if saved is not None:
+                    random.setstate(saved[0])
+                    np.random.set_state(saved[1])
+
+
 def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
-    import random
-
     random.seed(seed)
 
 
@@ -149,6 +182,8 @@ class Trainer:
             raise UserError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
         if cfg.report_to not in ("none", "wandb"):
             raise UserError(f"--report-to must be none or wandb, got {cfg.report_to!r}")
+        if cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise UserError("--report-to wandb needs the wandb package: pip install '.[wandb]'")
 
     # ------------------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -162,18 +197,36 @@ class Trainer:
 
     def _fit(self, env: distrib.DistEnv) -> dict:
         cfg, task = self.cfg, self.task
+        # Everything that can refuse the run is checked before the run directory gets anything: after a bad start a
+        # fresh --out-dir does not exist, an old one holds nothing new.
         precision = resolve_precision(cfg.precision, env.device)
+        if not hasattr(self.dataset, "__len__"):
+            raise UserError("training needs a listed data set (CSV / JSONL / image folder); webdataset shards can be "
+                            "read with form_data.datasets but not yet trained on")
+        sampler = EpochSampler(len(self.dataset), env.rank, env.world_size, cfg.seed, self.shuffle)
+        batches_per_epoch = sampler.per_rank // cfg.batch_size
+        if batches_per_epoch < 1:
+            raise UserError(f"the data set has {len(self.dataset)} samples: fewer than one batch of "
+                            f"{cfg.batch_size} per process ({env.world_size} process(es))")
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        modules = task.modules()
+        resume_path, state = ckpt.load_for_resume(cfg.resume, self.run_dir)
+        if resume_path is not None:
+            for name, module in modules.items():
+                if name not in state.get("modules", {}):
+                    raise UserError(f"{resume_path}: no state for module {name!r}; is it a checkpoint of this trainer?")
+                with self._fitting(resume_path, state):
+                    module.load_state_dict(state["modules"][name])
         if env.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"cannot create run directory {self.run_dir}: {e.strerror or e}") from None
             ckpt.remove_stale_temps(self.run_dir)
+            task.prepare_run_dir(self.run_dir)
         distrib.barrier()
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
 
-        modules = task.modules()
         task.env = env
         task.ddp = {}
         optimizers, schedulers = {}, {}
@@ -191,23 +244,11 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         autocast = precision_autocast(env.device, precision)
 
-        if not hasattr(self.dataset, "__len__"):
-            raise UserError("training needs a listed data set (CSV / JSONL / image folder); webdataset shards can be "
-                            "read with form_data.datasets but not yet trained on")
-        sampler = EpochSampler(len(self.dataset), env.rank, env.world_size, cfg.seed, self.shuffle)
-        batches_per_epoch = sampler.per_rank // cfg.batch_size
-        if batches_per_epoch < 1:
-            raise UserError(f"the data set has {len(self.dataset)} samples: fewer than one batch of "
-                            f"{cfg.batch_size} per process ({env.world_size} process(es))")
-
         step, epoch, batch_in_epoch = 0, 0, 0
-        resume_path, state = ckpt.load_for_resume(cfg.resume, self.run_dir)
         if resume_path is not None:
-            for name, module in modules.items():
-                if name not in state.get("modules", {}):
-                    raise UserError(f"{resume_path}: no state for module {name!r}; is it a checkpoint of this trainer?")
-                module.load_state_dict(state["modules"][name])
-                optimizers[name].load_state_dict(state["optimizers"][name])
+            for name in modules:
+                with self._fitting(resume_path, state):
+                    optimizers[name].load_state_dict(state["optimizers"][name])
                 schedulers[name].load_state_dict(state["schedulers"][name])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
@@ -246,10 +287,12 @@ class Trainer:
             distrib.barrier()
             return path
 
+        items = SeededItems(self.dataset, cfg.seed)
         try:
             while step < cfg.max_steps and stop_reason == "max_steps":
                 sampler.set_epoch(epoch, start=batch_in_epoch * cfg.batch_size)
-                loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                items.epoch = epoch
+                loader = DataLoader(items, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                     num_workers=cfg.workers, collate_fn=self.collate_fn, worker_init_fn=_seed_worker,
                                     generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
                                     pin_memory=env.device.type == "cuda", persistent_workers=False)
@@ -360,6 +403,19 @@ class Trainer:
         for k, v in extra.items():
             window[k].append(float(v))
 
+    @contextlib.contextmanager
+    def _fitting(self, path: Path, state: dict) -> Iterator[None]:
+        """Around loading a checkpoint's module or optimizer state: a checkpoint of another model (other sizes) is a
+        one-line UserError naming the options that differ from those it was trained with."""
+        try:
+            yield
+        except (RuntimeError, ValueError, KeyError) as e:
+            changes = option_changes(state.get("config") or {}, self.config)
+            why = ("these options differ from the checkpoint's: " + "; ".join(changes) if changes else
+                   "its state does not fit (" + " ".join(str(e).split())[:300] + ")")
+            raise UserError(f"--resume {path}: the checkpoint is of another model than these options build; {why} "
+                            f"(resume with the options it was trained with, or train into a new --out-dir)") from None
+
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_signal = True
 
@@ -423,6 +479,28 @@ class Trainer:
             raise UserError("--report-to wandb needs the wandb package: pip install '.[wandb]'") from None
         os.environ.setdefault("WANDB_MODE", "offline")
         return wandb.init(project="zh-t2i", dir=str(self.run_dir), config=self.config, name=self.run_dir.name)
+
+
+def option_changes(saved: dict, current: dict) -> list[str]:
+    """``"--num-tokens 1024 here, 512 in the checkpoint"`` for each model/data option (every section of a run's
+    config but ``runtime``) whose value in ``current`` differs from ``saved``."""
+
+    def show(value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            return " ".join(map(show, value)) or "(none)"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return '""' if value == "" else str(value)
+
+    out = []
+    for section, values in current.items():
+        old = saved.get(section)
+        if section == "runtime" or not isinstance(values, Mapping) or not isinstance(old, Mapping):
+            continue
+        for key, value in values.items():
+            if key in old and old[key] != value:
+                out.append(f"--{key.replace('_', '-')} {show(value)} here, {show(old[key])} in the checkpoint")
+    return out
 
 
 def _rank_param_divergence(modules: dict[str, nn.Module], device: torch.device) -> float:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from train_runtime import RuntimeConfig
 from train_runtime.config import parse_configs, training_parser
 from vae_train.train import VAEConfig
-from zh_t2i_base.cli import ArgumentParser, non_negative_int, positive_int, run
+from zh_t2i_base.cli import OUT_DIR, OUT_FILE, ArgumentParser, PathArg, non_negative_int, positive_int, run
 
 RUNTIME_DEFAULTS = {"lr": 1e-3, "batch_size": 64, "max_steps": 2000, "warmup_steps": 100, "save_every": 500,
                     "out_dir": "runs/vae"}
@@ -25,10 +25,12 @@ def train_parser() -> ArgumentParser:
 def tokenize_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m vae_train tokenize",
                        description="Encode a data set once into a token file for DALLE training.")
-    p.add_argument("--tokenizer", required=True, help="our run dir / ckpt-*.pt / model.safetensors, or a taming .ckpt")
-    p.add_argument("--yaml", help="taming model.yaml (with a taming .ckpt)")
-    p.add_argument("--data", required=True, help="split to encode (CSV / JSONL / image folder)")
-    p.add_argument("--out", required=True, help="token file to write (.pt)")
+    p.add_argument("--tokenizer", type=PathArg("in", content="checkpoint"), required=True,
+                   help="our run dir / ckpt-*.pt / model.safetensors, or a taming .ckpt")
+    p.add_argument("--yaml", type=PathArg("in", "file", "yaml"), help="taming model.yaml (with a taming .ckpt)")
+    p.add_argument("--data", type=PathArg("in", content="images"), required=True,
+                   help="split to encode (CSV / JSONL / image folder)")
+    p.add_argument("--out", type=OUT_FILE, required=True, help="token file to write (.pt)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--device", default="auto")
@@ -39,15 +41,20 @@ def tokenize_parser() -> ArgumentParser:
 
 def eval_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m vae_train eval", description="Reconstruction quality and codebook usage.")
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--yaml", help="taming model.yaml (with a taming .ckpt)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--tokenizer", type=PathArg("in", content="checkpoint"), required=True)
+    p.add_argument("--yaml", type=PathArg("in", "file", "yaml"), help="taming model.yaml (with a taming .ckpt)")
+    p.add_argument("--data", type=PathArg("in", content="images"), required=True)
     p.add_argument("--max-images", type=positive_int, default=1000)
-    p.add_argument("--grid", help="also write a reconstruction grid PNG here")
-    p.add_argument("--save-recon", help="also write every reconstruction as DIR/{i}.png (i = position in --data)")
-    p.add_argument("--out", help="also write the metrics as JSON here")
+    p.add_argument("--grid", type=OUT_FILE, help="also write a reconstruction grid PNG here")
+    p.add_argument("--save-recon", type=OUT_DIR,
+                   help="also write every reconstruction as DIR/{i}.png (i = position in --data)")
+    p.add_argument("--out", type=OUT_FILE, help="also write the metrics as JSON here")
     p.add_argument("--device", default="auto")
     return p
+
+
+def parsers() -> dict[str, ArgumentParser]:
+    return {"": train_parser(), "tokenize": tokenize_parser(), "eval": eval_parser()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

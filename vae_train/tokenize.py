@@ -7,7 +7,9 @@ Output (one ``torch.save`` file, loadable with ``weights_only=True``)::
      "tokenizer": {"path": str, "yaml": str, "kind": str, "num_tokens": int, "seq_len": int, "fmap_size": int,
                    "image_size": int}, "data": str}
 
-Images are resized and centre-cropped deterministically; broken images are skipped (and counted), never fatal.
+Images are resized and centre-cropped deterministically; broken images are skipped (and counted), never fatal, unless
+no image at all can be read. ``--data`` may be a listing (CSV / JSONL / image folder) or webdataset shards (``images``
+then holds the sample keys' numbers).
 """
 
 from __future__ import annotations
@@ -16,33 +18,19 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from form_data.datasets import collate, default_transform, open_dataset
+from form_data.datasets import StrictRows, collate, collate_rows, default_transform, open_dataset
 from vae_train.load import load_image_tokenizer
 from zh_t2i_base.cli import UserError, user_errors
 from zh_t2i_base.device import resolve_device
 from zh_t2i_base.fileio import atomic_path, ensure_writable_dir
 
 
-class _Strict(Dataset):
-    """A data set whose broken images are reported as such (not replaced by a neighbour): each image once."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        item = self.ds[i]
-        return None if item["index"] != i else item
-
-
-def _collate(items):
-    good = [x for x in items if x is not None]
-    return (collate(good) if good else None), len(items) - len(good)
+def _collate_stream(items):
+    """Webdataset samples -> (batch, no broken rows): a stream counts its broken samples in ``batch["skipped"]``."""
+    return collate(items), []
 
 
 def tokenize(tokenizer: str, data: str, out: str | os.PathLike, batch_size: int = 64, workers: int = 2,
@@ -52,17 +40,20 @@ def tokenize(tokenizer: str, data: str, out: str | os.PathLike, batch_size: int 
     dev = resolve_device(device)
     model = load_image_tokenizer(tokenizer, yaml_path=yaml_path, device=dev)
     ds = open_dataset(data, transform=default_transform(model.image_size), image_size=model.image_size)
-    if not hasattr(ds, "__getitem__"):
-        raise UserError(f"{data}: tokenize needs a listed data set (CSV/JSONL/folder), not webdataset shards")
+    listed = not isinstance(ds, IterableDataset)
     out = Path(out)
     ensure_writable_dir(out.parent if out.parent != Path("") else Path("."))
-    loader = DataLoader(_Strict(ds), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    # each listed image once (a broken row is counted, not replaced by its neighbour); shards: every sample once
+    loader = DataLoader(StrictRows(ds) if listed else ds, batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_rows if listed else _collate_stream)
     tokens, captions, images, flipped, skipped = [], [], [], [], 0
     with torch.no_grad():
-        for batch, broken in tqdm(loader, desc="tokenize", unit="batch", disable=not progress):
-            skipped += broken
+        for batch, broken in tqdm(loader, total=len(loader) if listed else None, desc="tokenize", unit="batch",
+                                  disable=not progress):
+            skipped += len(broken)
             if batch is None:
                 continue
+            skipped += int(batch["skipped"])
             for flip in (False, True) if hflip else (False,):
                 pixels = batch["image"].flip(-1) if flip else batch["image"]
                 with user_errors(ValueError):  # e.g. a Styled-VQ without its codebook yet

@@ -15,20 +15,21 @@ from torch import nn
 
 from form_data.datasets import collate, default_transform, open_dataset
 from train_runtime import RuntimeConfig, Task, Trainer
-from train_runtime.config import to_dict
+from train_runtime.config import path_field, to_dict
 from vae_train.dvae import DiscreteVAE, DVAEConfig
 from vae_train.evaluate import image_batches, reconstruction_metrics
 from vae_train.vqgan import VQGAN, VQGANConfig
 from vae_train.vqgan_loss import VQGANLoss
-from zh_t2i_base.cli import UserError
+from zh_t2i_base.cli import PathArg, UserError
 from zh_t2i_base.images import save_image_grid
 
 
 @dataclass
 class VAEConfig:
     model: str = "dvae"  # dvae | vqgan
-    train_data: str = ""  # CSV / JSONL / webdataset shards / image folder (form_data formats)
-    val_data: str = ""  # held-out split for PSNR/SSIM/codebook usage
+    # CSV / JSONL / webdataset shards / image folder (form_data formats)
+    train_data: str = path_field(PathArg("in", content="images"))
+    val_data: str = path_field(PathArg("in", content="images"))  # held-out split for PSNR/SSIM/codebook usage
     image_size: int = 64
     random_crop: bool = False  # RandomResizedCrop(scale 0.75-1) as the seed's DALLE did; else resize + centre crop
     num_tokens: int = 512  # codebook size
@@ -53,16 +54,17 @@ class VAEConfig:
     dropout: float = 0.0
     quantizer: str = ""  # gumbel | vq; empty = the model's own (dVAE: gumbel as DALL-E; VQGAN: vq as taming)
     beta: float = 0.25  # commitment weight (vq)
-    init_from: str = ""  # fine-tune: a taming last.ckpt (with --init-yaml) or one of our checkpoints
-    init_yaml: str = ""
+    # fine-tune: a taming last.ckpt (with --init-yaml) or one of our checkpoints
+    init_from: str = path_field(PathArg("in", content="checkpoint"))
+    init_yaml: str = path_field(PathArg("in", "file", "yaml"))
     trust_checkpoint: bool = False  # allow pickle when loading --init-from (Lightning files need it)
     gan: bool = False  # patch-GAN hinge loss with adaptive weight
     disc_start: int = 2000
     disc_weight: float = 0.8
     disc_lr_scale: float = 1.0
     perceptual_weight: float = 1.0  # LPIPS; on only when both weight files are given
-    lpips_vgg: str = ""  # local torchvision vgg16 state dict
-    lpips_lin: str = ""  # local LPIPS vgg.pth (lin layers)
+    lpips_vgg: str = path_field(PathArg("in", "file", "checkpoint"))  # local torchvision vgg16 state dict
+    lpips_lin: str = path_field(PathArg("in", "file", "checkpoint"))  # local LPIPS vgg.pth (lin layers)
     eval_images: int = 512  # val images used for PSNR/SSIM/usage
 
 
@@ -164,7 +166,9 @@ class VAETask(Task):
         if self._fixed is None:
             if self.val_set is None:
                 return
-            self._fixed = next(image_batches(self.val_set, 16, self.env.device, 16))
+            self._fixed = next(image_batches(self.val_set, 16, self.env.device, 16), None)  # None: 16 broken rows
+            if self._fixed is None:
+                return
         recon = self.model.decode(self.model.encode(self._fixed))
         save_image_grid(torch.cat([self._fixed, recon]), run_dir / f"recon_{step:08d}.png", nrow=len(self._fixed))
         save_image_grid(torch.cat([self._fixed, recon]), run_dir / "recon_latest.png", nrow=len(self._fixed))

@@ -7,19 +7,23 @@ import gzip
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from typing_extensions import Self
 
-from zh_t2i_base.cli import UserError
+from zh_t2i_base.cli import UserError, note_made_dirs
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) and prove a file can be written there; UserError if not."""
+    """Create ``path`` (and parents) and prove a file can be written there; UserError if not. The directories it
+    creates are removed again, if still empty, when the command fails (:func:`zh_t2i_base.cli.run`)."""
     p = Path(path)
+    new = [d for d in (p, *p.parents) if not d.exists()]
     try:
         p.mkdir(parents=True, exist_ok=True)
+        note_made_dirs(new)
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=p)
         os.close(fd)
         os.unlink(probe)
@@ -107,6 +111,64 @@ def utf8_error(path: str | os.PathLike) -> UserError:
                 line_no = i
                 break
     return UserError(f"{path}:{line_no}: not valid UTF-8 text" if line_no else f"{path}: not valid UTF-8 text")
+
+
+def read_structured(path: str | os.PathLike, what: str = "file", expect: type = dict, yaml: bool = False):
+    """The JSON document of ``path`` (with ``yaml``: YAML unless it ends in .json), checked to be an ``expect``.
+
+    Every problem with the file (missing, a directory, unreadable, not UTF-8, not valid JSON/YAML, the wrong top-level
+    shape) is a one-line UserError naming the file, the ``what`` it should be, and the line where the parser says."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}" if not path.exists() else f"{what} {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if yaml and path.suffix.lower() != ".json":
+        import yaml as pyyaml
+
+        try:
+            data = pyyaml.safe_load(text)
+        except pyyaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise UserError(f"{path}{where}: not valid YAML ({problem}); expected a {what}") from None
+        if data is None and expect is dict:
+            data = {}
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected a {what}") from None
+    if not isinstance(data, expect):
+        shape = {dict: "an object (a mapping of names to values)", list: "a list"}.get(expect, expect.__name__)
+        raise UserError(f"{path}: expected {shape} as the {what}, found {type(data).__name__}")
+    return data
+
+
+def require_keys(data: dict, keys: Iterable[str], path: str | os.PathLike, what: str = "file") -> None:
+    """UserError naming ``path`` and the missing keys unless ``data`` holds every one of ``keys``."""
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise UserError(f"{path}: not a {what}: no {', '.join(repr(k) for k in missing)} in it")
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, what: str = "file") -> Iterator[None]:
+    """Around the reading of one input file (a generator's body too): a decode, decompression or I/O error becomes
+    a one-line UserError naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
+    except (EOFError, zlib.error) as e:
+        raise UserError(f"{path}: corrupt or truncated {what} ({e})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

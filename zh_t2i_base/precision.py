@@ -2,7 +2,8 @@
 
 ``PRECISIONS`` names the precisions every trainer and scorer accepts; :func:`autocast` is the context a model runs in
 ("bf16"/"fp16": ``torch.autocast``; "fp32": nothing); :func:`resolve_precision` turns a training ``--precision`` into
-one of them, and :func:`cpu_training_precision` says which one a CPU trains fastest in.
+one of them, :func:`check_precision` refuses one the device cannot run (the same line for training and inference),
+and :func:`cpu_training_precision` says which one a CPU trains fastest in.
 
 ``fold_batchnorm`` folds every eval-mode ``BatchNorm2d`` into the ``Conv2d`` that feeds it (w' = w * g / sqrt(v + eps),
 b' = beta + (b - mean) * g / sqrt(v + eps)), so a conv tower runs one pass per layer instead of two; timm's
@@ -48,6 +49,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return check_precision(precision, device)
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """``precision`` (one of :data:`PRECISIONS`) if ``device`` runs it, else the one-line UserError every trainer,
+    scorer and feature extractor gives: fp16 needs CUDA (a CPU has no fast fp16 kernels and no GradScaler)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
     return precision

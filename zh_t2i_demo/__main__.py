@@ -6,7 +6,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from zh_t2i_base.cli import ArgumentParser, UserError, int_at_least, positive_int, run
+from zh_t2i_base.cli import (
+    IN_DIR,
+    OUT_DIR,
+    OUT_FILE,
+    ArgumentParser,
+    PathArg,
+    UserError,
+    finite_float,
+    int_at_least,
+    positive_int,
+    run,
+    subcommands,
+)
 
 
 def _judge_train(a) -> None:
@@ -40,8 +52,6 @@ def _calibrate(a) -> None:
     from zh_t2i_base.fileio import ensure_writable_dir, write_json
     from zh_t2i_demo.calibrate import calibrate, calibration_line
 
-    if not a.seconds > 0:
-        raise UserError(f"--seconds must be > 0, got {a.seconds}")
     if a.out:
         ensure_writable_dir(Path(a.out).parent)
     c = calibrate(a.seconds)
@@ -66,8 +76,10 @@ def build_parser() -> ArgumentParser:
     j = sub.add_parser("judge", help="colour/shape judge of synthetic-style images (no model under test involved)")
     jsub = j.add_subparsers(dest="judge_command", required=True, parser_class=ArgumentParser)
     jt = jsub.add_parser("train", help="train the colour-blind shape classifier on synthetic training images")
-    jt.add_argument("--data", required=True, help="training split (CSV/JSONL/folder) with synthetic captions")
-    jt.add_argument("--out", required=True, help="directory for judge.pt, judge_report.json and a calibration set")
+    jt.add_argument("--data", type=PathArg("in", content="images"), required=True,
+                    help="training split (CSV/JSONL/folder) with synthetic captions")
+    jt.add_argument("--out", type=OUT_DIR, required=True,
+                    help="directory for judge.pt, judge_report.json and a calibration set")
     jt.add_argument("--holdout", default="default", help="combinations unseen in training (as in `synth`)")
     jt.add_argument("--calib", type=positive_int, default=480, help="rendered held-out images of all combinations")
     jt.add_argument("--steps", type=positive_int, default=120, help="training batches of 64")
@@ -78,28 +90,33 @@ def build_parser() -> ArgumentParser:
     jt.add_argument("--quiet", action="store_true")
     jt.set_defaults(func=_judge_train)
     js = jsub.add_parser("score", help="judge the images of a dalle_gen.py output directory against its prompt")
-    js.add_argument("images", help="directory with {i}.png|jpg (and meta.json from dalle_gen.py)")
-    js.add_argument("--judge", required=True, help="directory or judge.pt from `judge train`")
+    js.add_argument("images", type=IN_DIR, help="directory with {i}.png|jpg (and meta.json from dalle_gen.py)")
+    js.add_argument("--judge", type=PathArg("in", content="checkpoint"), required=True,
+                    help="directory or judge.pt from `judge train`")
     js.add_argument("--prompt", help="the prompt (default: meta.json's)")
     js.set_defaults(func=_judge_score)
 
     r = sub.add_parser("report", help="the demo's metrics.json and report.html from a finished demo run directory")
-    r.add_argument("run", help="demo run directory (runs/demo)")
+    r.add_argument("run", type=IN_DIR, help="demo run directory (runs/demo)")
     r.add_argument("--top-k", type=positive_int, default=4, help="reranked images kept per prompt (seed: 4)")
     r.add_argument("--group-size", type=positive_int, default=32, help="samples per rerank draw (seed group)")
     r.add_argument("--holdout", default="default", help="combinations unseen in training (as in `synth`)")
     r.set_defaults(func=_report)
 
     cb = sub.add_parser("calibrate", help="print the device, CPU capability and the fp32 matmul GFLOP/s (about 1 s)")
-    cb.add_argument("--out", help="also write the figures to this JSON file")
-    cb.add_argument("--seconds", type=float, default=1.0, help="how long to time the matmul")
+    cb.add_argument("--out", type=OUT_FILE, help="also write the figures to this JSON file")
+    cb.add_argument("--seconds", type=finite_float(0.01, 60.0), default=1.0, help="how long to time the matmul")
     cb.set_defaults(func=_calibrate)
 
     st = sub.add_parser("steps", help="the demo's per-step wall times (RUN/timings.tsv), scaled to the slow CPU kind")
-    st.add_argument("run", help="demo run directory (runs/demo)")
+    st.add_argument("run", type=IN_DIR, help="demo run directory (runs/demo)")
     st.set_defaults(func=_steps)
 
     return p
+
+
+def parsers() -> dict[str, ArgumentParser]:
+    return subcommands(build_parser())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

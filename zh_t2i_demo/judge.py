@@ -269,15 +269,14 @@ def _numbered_images(folder: Path, n: int | None = None) -> list[Path]:
 def score_dir(judge: str | os.PathLike | Judge, folder: str | os.PathLike, prompt: str | None = None) -> dict:
     """Judge ``folder/{i}.png|jpg`` against ``prompt`` (default: ``folder/meta.json``'s); writes ``folder/judge.json``
     with a verdict per image and the fractions correct."""
-    import json
-
-    from zh_t2i_base.fileio import write_json
+    from form_data.datasets import load_image
+    from zh_t2i_base.fileio import read_structured, write_json
 
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"no such directory: {folder}")
     meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    meta = read_structured(meta_path, "dalle_gen.py meta.json") if meta_path.is_file() else {}
     prompt = prompt or meta.get("prompt")
     if not prompt:
         raise UserError(f"{folder}: no meta.json with the prompt; pass --prompt")
@@ -285,12 +284,19 @@ def score_dir(judge: str | os.PathLike | Judge, folder: str | os.PathLike, promp
     if want["colour"] is None or want["shape"] is None:
         raise UserError(f"the prompt {prompt!r} names no synthetic colour and shape")
     judge = judge if isinstance(judge, Judge) else Judge.load(judge)
-    paths = _numbered_images(folder, meta.get("n"))
-    images = [Image.open(p).convert("RGB") for p in paths]
+    paths, images, skipped = [], [], []
+    for p in _numbered_images(folder, meta.get("n")):  # an unreadable image is skipped and counted, not judged
+        img = load_image(p)
+        (paths if img is not None else skipped).append(p)
+        if img is not None:
+            images.append(img)
+    if not images:
+        raise UserError(f"{folder}: none of the {len(skipped)} images is readable")
     rows = []
     for p, v in zip(paths, judge.verdicts(images), strict=True):
         rows.append({"file": p.name, "colour": v.colour, "shape": v.shape, **v.judge(prompt)})
     result = {"prompt": prompt, "n": len(rows), **{k: float(np.mean([r[k] for r in rows]))
-                                                 for k in ("colour", "shape", "both")}, "images": rows}
+                                                 for k in ("colour", "shape", "both")}, "images": rows,
+              "skipped": [p.name for p in skipped]}
     write_json(folder / "judge.json", result)
     return result

@@ -19,7 +19,6 @@ retrieval on the val split at the attribute level (and strict 1:1 R@1 for refere
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import platform
@@ -31,7 +30,7 @@ from PIL import Image
 
 from form_data.synth import parse_caption, parse_holdout
 from zh_t2i_base.cli import UserError
-from zh_t2i_base.fileio import atomic_write, read_jsonl, write_json
+from zh_t2i_base.fileio import atomic_write, read_jsonl, read_structured, require_keys, write_json
 from zh_t2i_demo.judge import Judge, accuracy, score_dir
 from zh_t2i_demo.steps import step_table
 
@@ -44,10 +43,13 @@ TARGETS = {  # metric -> (target, higher is better)
 }
 
 
-def _json(path: Path) -> dict:
+def _json(path: Path, *keys: str) -> dict:
+    """A demo step's JSON output, holding ``keys`` (one-line errors naming the file otherwise)."""
     if not path.is_file():
         raise UserError(f"{path} is missing: did every demo step finish? (run `make demo` again)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    data = read_structured(path, "demo step output")
+    require_keys(data, keys, path, "complete demo step output")
+    return data
 
 
 def _rows(path: Path) -> list[dict]:
@@ -55,8 +57,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _ranking(folder: Path) -> dict[str, float]:
-    obj = _json(folder / "ranking.json")
-    rows = obj.get("ranking", obj.get("images", [])) if isinstance(obj, dict) else obj
+    rows = _json(folder / "ranking.json", "ranking")["ranking"]
     return {r["file"]: float(r["score"]) for r in rows}
 
 
@@ -93,10 +94,10 @@ def collect(run: str | os.PathLike, top_k: int = 4, holdout: str = "default", gr
     m: dict = {"machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M")}
     if (run / "calibration.json").is_file():  # where it ran (zh_t2i_demo calibrate): not a result, like the date
         m["calibration"] = _json(run / "calibration.json")
-    vae = _json(run / "vae_eval.json")
+    vae = _json(run / "vae_eval.json", "psnr", "used_fraction")
     m["S1/psnr"], m["S1/codebook_usage"] = float(vae["psnr"]), float(vae["used_fraction"])
     judge = Judge.load(run / "judge")
-    jr = _json(run / "judge" / "judge_report.json")
+    jr = _json(run / "judge" / "judge_report.json", "heldout_accuracy")
     for key, value in jr["heldout_accuracy"].items():
         m[f"judge/rendered/{key}"] = value
     recon_dir = run / "judge" / "recon"

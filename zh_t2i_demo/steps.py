@@ -10,9 +10,10 @@ steps (rendering, HTTP download, exports) are shown as measured. Standard librar
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from zh_t2i_base.fileio import read_structured, require_keys
 
 
 @dataclass
@@ -58,7 +59,9 @@ def read_steps(run: str | Path) -> list[Step]:
 def step_table(run: str | Path) -> str:
     run = Path(run)
     cal_path = run / "calibration.json"
-    cal = json.loads(cal_path.read_text(encoding="utf-8")) if cal_path.is_file() else {}
+    cal = read_structured(cal_path, "calibration file") if cal_path.is_file() else {}
+    if cal:
+        require_keys(cal, ("matmul_gflops", "cpu_capability", "threads"), cal_path, "calibration file")
     on_cpu = cal.get("device", "cpu") == "cpu"
     factor = float(cal.get("slow_kind_factor", 1.0)) if on_cpu else 1.0
     steps = read_steps(run)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from types import ModuleType
 
 from zh_t2i_base.cli import UserError
-from zh_t2i_base.precision import PRECISIONS
+from zh_t2i_base.device import resolve_device
+from zh_t2i_base.precision import check_precision
 from zh_t2i_rerank import brivl, clip, cnclip
 from zh_t2i_rerank.scorer import Scorer
 
@@ -41,7 +42,6 @@ def make_scorer(spec: str, device: str = "auto", batch_size: int = 32, trust_che
                 precision: str = "fp32") -> Scorer:
     """The scorer for ``--scorer`` ``spec``."""
     prefix, args = split_spec(spec)
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision, resolve_device(device))  # before any weights are read
     return SCORERS[prefix].make_scorer(args, device=device, batch_size=batch_size, trust_checkpoint=trust_checkpoint,
                                        precision=precision)
