@@ -58,7 +58,6 @@ from zh_t2i_base.fileio import read_jsonl, utf8_error
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "MAX_SKIP",
     "CsvImageText",
     "ImageFolderDataset",
     "JsonlImageText",
@@ -77,7 +76,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # webdataset member extensions, in order of preference
-MAX_SKIP = 64  # a map-style __getitem__ gives up after this many unreadable files in a row
 
 Sample = dict  # {"image": Tensor, "caption": str, "index": int, "skipped": int}
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -329,7 +327,7 @@ class _ListedImages(Dataset):
             if j >= 0:
                 return {"image": self._cache.image(j), "caption": self.caption(j), "index": j, "skipped": skipped}
         skipped = 0
-        for k in range(min(MAX_SKIP, n)):
+        for k in range(n):  # the listing holds a readable image (checked when opened): falls through any broken run
             j = (i + k) % n
             path = self.image_path(j)
             img = load_image(path)
@@ -337,8 +335,8 @@ class _ListedImages(Dataset):
                 return {"image": self.transform(img), "caption": self.caption(j), "index": j, "skipped": skipped}
             _note_broken(self.broken, path)
             skipped += 1
-        raise RuntimeError(f"{self.source}: no readable image among {skipped} files from index {i} on "
-                           f"(first: {self.image_path(i)})")
+        raise NoReadableImage(f"{self.source}: no readable image left among its {n} files (were they changed "
+                              f"while it was read?)")
 
     def row(self, i: int) -> Sample | None:
         """Item ``i`` itself, or None when its image is broken: no fall-through to a neighbour. For evaluations,
@@ -412,8 +410,7 @@ class ImageCache:
                 if ok[i]:
                     nxt = i
                 gap = nxt - i
-                if gap < min(MAX_SKIP, n):
-                    src[i], skipped[i] = nxt % n, gap
+                src[i], skipped[i] = nxt % n, gap
         self._src, self._skipped = src, skipped
 
     @classmethod
@@ -421,7 +418,7 @@ class ImageCache:
         return n * 3 * size * size <= cls.MAX_BYTES
 
     def source(self, i: int) -> tuple[int, int]:
-        """(index of the image that item ``i`` yields or -1 when none within MAX_SKIP, files passed over)."""
+        """(index of the image that item ``i`` yields or -1 when the listing has none, files passed over)."""
         return int(self._src[i]), int(self._skipped[i])
 
     def image(self, j: int) -> torch.Tensor:

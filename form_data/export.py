@@ -64,7 +64,8 @@ def _other_image(meta_path: Path) -> str | None:
 
 def iter_downloaded(split_dir: str | os.PathLike, skipped: Counter | None = None) -> Iterator[Sample]:
     """Successful samples of one downloaded split, in key order; each sample left out is counted in ``skipped``
-    by reason: ``unreadable_json``, ``failed_download`` (status not success), ``no_image``, ``unsupported_<ext>``."""
+    by reason: ``unreadable_json``, ``failed_download`` (status not success), ``no_image``, ``unsupported_<ext>``,
+    ``unreadable_caption`` (a ``.txt`` that is not UTF-8)."""
     split_dir = Path(split_dir)
     skipped = Counter() if skipped is None else skipped
     for meta_path in sorted(split_dir.glob("*/*.json")):
@@ -87,7 +88,11 @@ def iter_downloaded(split_dir: str | os.PathLike, skipped: Counter | None = None
         caption = meta.get("caption")
         if caption is None:
             txt = meta_path.with_suffix(".txt")
-            caption = txt.read_text(encoding="utf-8") if txt.is_file() else ""
+            try:
+                caption = txt.read_text(encoding="utf-8") if txt.is_file() else ""
+            except (OSError, UnicodeDecodeError):
+                skipped["unreadable_caption"] += 1
+                continue
         yield Sample(key=str(meta.get("key") or meta_path.stem), image=image, caption=_one_line(caption),
                      url=meta.get("url"))
 

@@ -288,7 +288,8 @@ def make_bad(variant: str, where: Path, world: dict[str, Path], good: Path) -> P
             shutil.copy(next(world["gen"].glob("0.png")), d / "000000000.jpg")
             bad_json = variant == "downloads-bad-json"
             (d / "000000000.txt").write_bytes("红色的圆形".encode() if bad_json else b"\xff\xfe")
-            (d / "000000000.json").write_text("[1, 2]" if bad_json else '{"url": "http://x/0.jpg"}')
+            meta = '{"url": "http://x/0.jpg", "status": "success"}'
+            (d / "000000000.json").write_text("[1, 2]" if bad_json else meta)
     elif variant == "file-empty":
         (p := where / f"bad{good.suffix}").write_bytes(b"")
     elif variant == "file-garbage":

@@ -450,6 +450,16 @@ def test_rows_are_read_without_fall_through(tmp_path, cache):
     assert collate_rows([(0, None)]) == (None, [0])
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_any_run_of_broken_images_falls_through(tmp_path, cache):
+    """100 broken files in a row before the one readable image: every index still yields an image (no give-up)."""
+    n = 101
+    ds = CsvImageText(_csv(tmp_path, n=n, broken={i: "text" for i in range(n - 1)}), image_size=SIZE, cache=cache)
+    s = ds[0]
+    assert (s["index"], s["skipped"]) == (n - 1, n - 1)
+    assert ds[n - 1]["skipped"] == 0 and ds[50]["skipped"] == 50
+
+
 def test_exif_orientation_is_applied(tmp_path):
     """A camera JPEG stored landscape with Orientation=6 ("rotate 90 CW to view") comes out portrait."""
     img = Image.new("RGB", (40, 20), (255, 0, 0))
