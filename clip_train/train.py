@@ -43,7 +43,7 @@ class ClipConfig:
     context_length: int = 0  # tokens per caption incl. [CLS]/[SEP]; 0 = the model's (zh-tiny 32, others 52)
     image_size: int = 0  # 0 = the model config's
     # CSV (open_clip layout) / JSONL / image folder from form_data
-    train_data: str = path_field(PathArg("in", content="images"))
+    train_data: str = path_field(PathArg("in", content="images", urls=True))
     # evaluated every --eval-every steps (or --val-frequency epochs) and at the end
     val_data: str = path_field(PathArg("in", content="images"))
     # the synthetic set's attributes.jsonl: adds attribute-level recall
@@ -213,7 +213,7 @@ def write_open_clip_files(run_dir: Path, model: nn.Module, tokenizer: ChineseTok
 def train(cc: ClipConfig, rc: RuntimeConfig) -> dict:
     """Build data, model and task from the configs and run the shared trainer."""
     if not cc.train_data:
-        raise UserError("--train-data is required (a CSV/JSONL/image folder from form_data)")
+        raise UserError("--train-data is required (a CSV/JSONL/image folder/webdataset shards from form_data)")
     if cc.val_attributes and not cc.val_data:
         raise UserError("--val-attributes needs --val-data")
     labels = read_labels(cc.zeroshot_labels) if cc.zeroshot_labels else []
@@ -229,13 +229,20 @@ def train(cc: ClipConfig, rc: RuntimeConfig) -> dict:
     model, tokenizer, meta = build(cc)
     size = meta["image_size"]
     train_set = open_split(cc, cc.train_data, size, random_crop=cc.random_crop)
+    listed = hasattr(train_set, "__len__")  # else a stream of webdataset shards: epochs of --train-num-samples
+    if not listed and not rc.train_num_samples:
+        raise UserError("--train-data is a stream of webdataset shards (no length): give --train-num-samples N, "
+                        "the samples of an epoch over all processes")
+    if cc.cache_images and not listed:
+        raise UserError("--cache-images needs a listed data set (CSV / JSONL / image folder), not webdataset shards")
     if cc.cache_images:
         train_set = InMemory(train_set)
     val_set = open_split(cc, cc.val_data, size, flag="--val-data") if cc.val_data else None
     if cc.val_attributes:  # check the join now, not after training
         synthetic_attributes([val_set.image_path(i) for i in range(len(val_set))],
                              [val_set.caption(i) for i in range(len(val_set))], cc.val_attributes)
-    rc = epoch_schedule(cc, rc, len(train_set), int(os.environ.get("WORLD_SIZE", "1")))
+    rc = epoch_schedule(cc, rc, len(train_set) if listed else rc.train_num_samples,
+                        int(os.environ.get("WORLD_SIZE", "1")))
     task = ClipTask(cc, model, tokenizer, meta["context_length"], meta, val_set, labels)
     config = {"runtime": to_dict(rc), "clip": to_dict(cc)}
     return Trainer(rc, task, train_set, collate_fn=collate, config=config).fit()

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from dalle_train.model import DALLE, DALLEConfig
 from dalle_train.sample import sample_tokens
-from form_data.datasets import collate, default_transform, open_dataset
+from form_data.datasets import collate, default_transform, is_shard_url, open_dataset
 from form_data.tokenizer import ChineseTokenizer, load_tokenizer, vocab_digest
 from train_runtime import RuntimeConfig, Task, Trainer
 from train_runtime.config import path_field, to_dict
@@ -32,7 +32,7 @@ from zh_t2i_base.images import save_image_grid
 @dataclass
 class DALLETrainConfig:
     # token file (.pt) from `vae_train tokenize`, or an image split encoded on the fly
-    train_data: str = path_field(PathArg("in", content="tokens"))
+    train_data: str = path_field(PathArg("in", content="tokens", urls=True))  # or images (shards too)
     val_data: str = path_field(PathArg("in", content="tokens"))  # same kind as train_data: validation loss
     # default: the one the token file was made with; required for image splits
     image_tokenizer: str = path_field(PathArg("in", content="checkpoint"))
@@ -173,7 +173,7 @@ def build(dc: DALLETrainConfig) -> tuple[Dataset, DALLETask, object]:
     if not dc.train_data:
         raise UserError("--train-data is required: a token file from `python -m vae_train tokenize`, or an image split "
                         "with --image-tokenizer")
-    if not Path(dc.train_data).exists():
+    if not is_shard_url(dc.train_data) and not Path(dc.train_data).exists():
         raise UserError(f"--train-data not found: {dc.train_data}")
     if not 0.0 <= dc.null_cond_prob < 1.0:
         raise UserError(f"--null-cond-prob must be in [0, 1), got {dc.null_cond_prob}")

@@ -32,6 +32,7 @@ that later runs over the same listing reuse.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -40,8 +41,11 @@ import logging
 import os
 import random
 import re
+import signal
 import struct
+import subprocess
 import tarfile
+import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -63,11 +67,14 @@ __all__ = [
     "JsonlImageText",
     "NoReadableImage",
     "StrictRows",
+    "PipeFailed",
     "WebDatasetShards",
+    "braceexpand",
     "collate",
     "collate_rows",
     "default_transform",
     "expand_shards",
+    "is_shard_url",
     "load_image",
     "open_dataset",
 ]
@@ -615,25 +622,63 @@ class ImageFolderDataset(_ListedImages):
 # webdataset shards
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_BRACE_GROUP = re.compile(r"\{(\d+\.\.\d+|[^{}]*,[^{}]*)\}")  # {000..009} or {a,b,c}, as braceexpand
+
+
+def braceexpand(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` -> ``a-000.tar, a-001.tar, a-002.tar`` (zero padding kept from the lower bound), and
+    ``{x,y}`` lists, every group expanded in turn (webdataset's ``braceexpand``; no nesting). Other braces (an awk
+    ``'{print}'`` in a ``pipe:`` command) stay as they are."""
+    m = _BRACE_GROUP.search(pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    r = _BRACES.fullmatch("{" + body + "}")
+    if r:
+        lo, hi, width = int(r.group(1)), int(r.group(2)), len(r.group(1))
+        step = 1 if hi >= lo else -1
+        items = [f"{n:0{width}d}" for n in range(lo, hi + step, step)]
+    else:
+        items = body.split(",")
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    return [head + item + rest for item in items for rest in braceexpand(tail)]
+
+
+def is_pipe_url(s: str | os.PathLike) -> bool:
+    return isinstance(s, str) and s.startswith("pipe:")
+
+
+def is_shard_url(s: str | os.PathLike) -> bool:
+    """True for what only names shards and is no single local path: a ``pipe:`` URL, a ``::`` list, a brace
+    pattern or a glob (:func:`expand_shards` resolves and checks it)."""
+    s = os.fspath(s)
+    return is_pipe_url(s) or "::" in s or _BRACE_GROUP.search(s) is not None or glob.has_magic(s)
 
 
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard paths from a list, a directory (its ``*.tar``), a glob, or a brace range ``shard-{000..009}.tar``."""
+    """Shard URLs from a list, ``a::b`` (open_clip's separator), a directory (its ``*.tar``), a glob, a brace range
+    ``shard-{000..009}.tar`` or list ``{a,b}``, or ``pipe:CMD`` (the tar stream is CMD's stdout; braces in CMD are
+    expanded too: ``pipe:aws s3 cp s3://bucket/{00000..09999}.tar -``). Local shards must exist."""
     if isinstance(spec, (list, tuple)):
         out = [s for item in spec for s in expand_shards(item)]
         if not out:
             raise UserError("no shards given")
         return out
     s = os.fspath(spec)
+    if "::" in s:
+        return expand_shards([part for part in s.split("::") if part.strip()])
+    expanded = braceexpand(s)
+    if expanded != [s]:
+        return expand_shards(expanded)
+    if is_pipe_url(s):
+        if not s[len("pipe:"):].strip():
+            raise UserError(f"{s!r}: a pipe: URL needs a command (pipe:CMD, CMD writing the tar to its stdout)")
+        return [s]
     if os.path.isdir(s):
         out = sorted(glob.glob(os.path.join(glob.escape(s), "*.tar")))
         if not out:
             raise UserError(f"{s}: no .tar shards in this directory")
         return out
-    m = _BRACES.search(s)
-    if m:
-        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
-        return [p for n in range(lo, hi + 1) for p in expand_shards(s[:m.start()] + f"{n:0{width}d}" + s[m.end():])]
     if glob.has_magic(s):
         out = sorted(p for p in glob.glob(s) if os.path.isfile(p))
         if not out:
@@ -653,14 +698,61 @@ def _split_key(name: str) -> tuple[str, str] | None:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
+class PipeFailed(UserError):
+    """A ``pipe:`` shard's command exited with a non-zero status (or could not be started)."""
+
+
+@contextlib.contextmanager
+def _open_shard(url: str) -> Iterator[tarfile.TarFile]:
+    """A streaming tar reader of a local shard, or of a ``pipe:CMD`` URL's command output (run by the shell).
+
+    The command's exit status is checked once its stream was read to the end: a failure raises :class:`PipeFailed`
+    naming the URL and the end of the command's stderr. A stream given up early (the trainer stopped) kills it.
+    """
+    if not is_pipe_url(url):
+        with tarfile.open(url, "r|*") as tar:
+            yield tar
+        return
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=err,
+                                    bufsize=1 << 20, start_new_session=True)  # its own group: killed as one
+        except OSError as e:
+            raise PipeFailed(f"{url}: cannot run the command: {e.strerror or e}") from None
+        damaged = None
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|*") as tar:
+                yield tar
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            damaged = e  # if the command failed, that is the error to show
+        except BaseException:  # given up early (GeneratorExit) or failed elsewhere: stop the command
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.stdout.close()
+            proc.wait()
+            raise
+        with contextlib.suppress(OSError):  # read to its end: a command cut off by a closed pipe fails
+            while proc.stdout.read(1 << 16):
+                pass
+        proc.stdout.close()
+        code = proc.wait()
+        if code != 0:
+            err.seek(0)
+            tail = " ".join(err.read()[-400:].decode("utf-8", errors="replace").split())
+            raise PipeFailed(f"{url}: the command exited with status {code}" + (f": {tail}" if tail else ""))
+        if damaged is not None:
+            raise damaged
+
+
 def _iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     """(key, {ext: bytes}) per sample of a shard, streaming; only image and ``txt`` members are read.
 
-    A missing or damaged shard ends its stream with a warning instead of an exception.
+    A missing or damaged shard ends its stream with a warning instead of an exception; a ``pipe:`` command that fails
+    raises :class:`PipeFailed`.
     """
     key, files, n = None, {}, 0
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with _open_shard(path) as tar:
             for member in tar:
                 split = _split_key(member.name) if member.isfile() else None
                 if split is None:
@@ -688,12 +780,23 @@ def _rank_world() -> tuple[int, int]:
 
 
 class WebDatasetShards(IterableDataset):
-    """Samples of webdataset tar shards, each shard read by exactly one (DDP rank, DataLoader worker).
+    """Samples of webdataset tar shards (local files or ``pipe:CMD`` URLs, see :func:`expand_shards`), streamed by
+    each reader: one reader per (DDP rank, DataLoader worker).
 
-    Shards are dealt round-robin to ``rank * num_workers + worker_id``; with ``shuffle_shards`` the shard order is
-    first permuted with ``seed + epoch`` (the same permutation on every rank, see :meth:`set_epoch`). ``rank`` and
-    ``world_size`` default to torch.distributed's (or torchrun's RANK/WORLD_SIZE). Give every rank the same number
-    of samples (shards a multiple of ``world_size * num_workers``, of equal size) or DDP ranks will wait on each other.
+    How readers get their shards:
+
+    - default: dealt round-robin to reader ``rank * num_workers + worker_id``; with ``shuffle_shards`` the shard order
+      is first permuted with ``seed + epoch`` (the same permutation on every rank, see :meth:`set_epoch`). Finite:
+      each reader reads its shards once, so readers with more data yield more samples (any number of shards works;
+      under DDP, only the trainer's cut at ``--train-num-samples`` keeps ranks in step). With ``repeat`` (set by
+      :meth:`configure_stream`) a reader goes round its shards again and again, and a reader left without a shard
+      (fewer shards than readers) reads shard ``reader mod len(shards)``;
+    - ``resampled`` (open_clip's ``--dataset-resampled``): each reader draws shards WITH replacement, from a
+      ``random.Random`` seeded with (seed, epoch, rank, worker): deterministic, different for every reader and epoch,
+      endless (the consumer decides when an epoch ends). Any number of shards, any number of readers.
+
+    ``shuffle_buffer`` > 0 mixes the samples of a reader in a buffer of that many (undecoded) samples, drawn with the
+    same reader RNG. ``rank`` and ``world_size`` default to torch.distributed's (or torchrun's RANK/WORLD_SIZE).
 
     ``index`` is the sample key as a number when the key's file name is all digits (as ``export`` writes), else -1.
     A broken or image-less sample is dropped and counted in the ``skipped`` of the next sample yielded by the same
@@ -702,54 +805,132 @@ class WebDatasetShards(IterableDataset):
 
     def __init__(self, urls_or_glob: str | os.PathLike | Sequence[str | os.PathLike],
                  transform: Transform | None = None, image_size: int = 256, shuffle_shards: bool = False,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None):
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, resampled: bool = False,
+                 repeat: bool = False, shuffle_buffer: int = 0):
         self.shards = expand_shards(urls_or_glob)
         self.transform = transform if transform is not None else default_transform(image_size)
         self.shuffle_shards = shuffle_shards
         self.seed = seed
-        self.epoch = 0
+        self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
         self.rank, self.world_size = rank, world_size
+        self.resampled, self.repeat, self.shuffle_buffer = resampled, repeat, shuffle_buffer
         self.broken: set[str] = set()
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use another shard permutation (with ``shuffle_shards``); call before creating the epoch's iterator."""
-        self.epoch = epoch
+    def configure_stream(self, *, seed: int, shuffle: bool, resampled: bool) -> None:
+        """What the trainer sets for an endless training stream (``--dataset-resampled``, ``--seed``)."""
+        self.seed, self.shuffle_shards, self.resampled, self.repeat = seed, shuffle, resampled, True
 
-    def my_shards(self) -> list[str]:
-        """The shards this (rank, worker) reads."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+        """Use another shard permutation / other resampling draws; call before creating the epoch's iterator.
+
+        ``skip_batches`` (a resumed epoch: batches of ``batch_size`` the DataLoader already delivered, dealt
+        round-robin over its workers) makes a default-mode reader pass over the samples those batches held (read, not
+        decoded: exact unless broken samples were among them), and a resampled reader draw afresh (its seed then
+        includes ``skip_batches``; the samples of the finished batches are not replayed)."""
+        self.epoch, self.skip_batches, self.batch_size = epoch, skip_batches, batch_size
+
+    def reader(self) -> tuple[int, int, int, int]:
+        """(rank, world_size, worker, num_workers) of the calling process."""
         rank, world = _rank_world()
         rank = rank if self.rank is None else self.rank
         world = world if self.world_size is None else self.world_size
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank, world, worker, workers
+
+    def reader_rng(self) -> random.Random:
+        """The RNG of this reader: a function of (seed, epoch, rank, worker) (and of a resumed epoch's start)."""
+        rank, _, worker, _ = self.reader()
+        key = f"{self.seed}/{self.epoch}/{rank}/{worker}"
+        return random.Random(key + (f"/{self.skip_batches}" if self.resampled and self.skip_batches else ""))
+
+    def my_shards(self) -> list[str]:
+        """The shards this (rank, worker) reads in default mode (resampled readers draw from all of them)."""
+        rank, world, worker, workers = self.reader()
         shards = list(self.shards)
         if self.shuffle_shards:
             random.Random(self.seed + self.epoch).shuffle(shards)
         consumers = world * workers
+        reader = rank * workers + worker
         if len(shards) < consumers and rank == 0 and worker == 0:
-            log.warning("%d shards for %d readers (%d ranks x %d workers): some read nothing",
-                        len(shards), consumers, world, workers)
-        return shards[rank * workers + worker::consumers]
+            log.warning("%d shards for %d readers (%d ranks x %d workers): %s", len(shards), consumers, world,
+                        workers, "some read a shard another reads too" if self.repeat else "some read nothing")
+        mine = shards[reader::consumers]
+        return mine or ([shards[reader % len(shards)]] if self.repeat else [])
+
+    def _shard_order(self, rng: random.Random) -> Iterator[str]:
+        if self.resampled:
+            while True:
+                yield rng.choice(self.shards)
+        mine = self.my_shards()
+        while True:
+            yield from mine
+            if not self.repeat:
+                return
+
+    def _records(self) -> Iterator[tuple[str, str, dict[str, bytes | None]]]:
+        rng = self.reader_rng()
+        records = self._read(self._shard_order(rng))
+        if self.shuffle_buffer > 0:
+            records = _buffer_shuffle(records, self.shuffle_buffer, rng)
+        return records
+
+    def _read(self, shards: Iterable[str]) -> Iterator[tuple[str, str, dict[str, bytes | None]]]:
+        empty = 0  # shards in a row that gave nothing: an endless stream of them would never yield
+        for shard in shards:
+            n = 0
+            for key, files in _iter_tar(shard):
+                n += 1
+                yield shard, key, files
+            empty = 0 if n else empty + 1
+            if (self.repeat or self.resampled) and empty >= max(len(self.shards), 100):
+                raise UserError(f"{empty} shards in a row without a sample ({shard}, ...): is --train-data right?")
 
     def __iter__(self) -> Iterator[Sample]:
         pending = 0
-        for shard in self.my_shards():
-            for key, files in _iter_tar(shard):
-                ext = next((e for e in SHARD_IMAGE_EXTENSIONS if files.get(e) is not None), None)
-                name = f"{shard}:{key}.{ext or '<image>'}"
-                img = load_image(files[ext]) if ext else None
-                if img is None:
-                    _note_broken(self.broken, name, "unreadable image" if ext else "no image in sample")
-                    pending += 1
-                    continue
-                caption = (files.get("txt") or b"").decode("utf-8", errors="replace").strip()
-                base = key.rsplit("/", 1)[-1]
-                index = int(base) if base.isascii() and base.isdigit() else -1
-                yield {"image": self.transform(img), "caption": caption, "index": index, "skipped": pending}
-                pending = 0
+        skip = 0
+        if self.skip_batches and not self.resampled:
+            _, _, worker, workers = self.reader()
+            skip = (self.skip_batches - worker + workers - 1) // workers * self.batch_size
+        since_yield = 0  # records read since the last sample yielded: a repeated stream of nothing readable stops
+        for shard, key, files in self._records():
+            ext = next((e for e in SHARD_IMAGE_EXTENSIONS if files.get(e) is not None), None)
+            if skip and ext:
+                skip -= 1
+                continue
+            name = f"{shard}:{key}.{ext or '<image>'}"
+            img = load_image(files[ext]) if ext else None
+            if img is None:
+                _note_broken(self.broken, name, "unreadable image" if ext else "no image in sample")
+                pending += 1
+                since_yield += 1
+                if since_yield > 10_000 and (self.repeat or self.resampled):
+                    raise UserError(f"{len(self.shards)} shard(s) ({self.shards[0]} ...): 10000 samples in a row "
+                                    f"without a readable image")
+                continue
+            since_yield = 0
+            caption = (files.get("txt") or b"").decode("utf-8", errors="replace").strip()
+            base = key.rsplit("/", 1)[-1]
+            index = int(base) if base.isascii() and base.isdigit() else -1
+            yield {"image": self.transform(img), "caption": caption, "index": index, "skipped": pending}
+            pending = 0
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self.shards)} shards)"
+        return f"{type(self).__name__}({len(self.shards)} shards{', resampled' if self.resampled else ''})"
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """webdataset's shuffle: keep ``size`` items, yield a random one of them as each new one comes in."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -759,12 +940,14 @@ def open_dataset(path: str | os.PathLike | Sequence[str | os.PathLike], **kw) ->
     """The dataset for ``path``, by its form; ``kw`` go to the chosen class.
 
     ``.csv``/``.tsv`` -> :class:`CsvImageText`; ``.jsonl`` -> :class:`JsonlImageText`; a ``.tar`` file, a glob or
-    brace pattern, a list of shards, or a directory holding ``.tar`` files -> :class:`WebDatasetShards`; any other
-    directory -> :class:`ImageFolderDataset`.
+    brace pattern, a ``pipe:`` URL, an ``a::b`` list, a list of shards, or a directory holding ``.tar`` files ->
+    :class:`WebDatasetShards`; any other directory -> :class:`ImageFolderDataset`.
     """
     if isinstance(path, (list, tuple)):
         return WebDatasetShards(path, **kw)
     s = os.fspath(path)
+    if is_pipe_url(s) or "::" in s:
+        return WebDatasetShards(s, **kw)
     p = Path(s)
     if p.is_dir():
         if any(c.suffix == ".tar" and c.is_file() for c in p.iterdir()):
@@ -775,7 +958,7 @@ def open_dataset(path: str | os.PathLike | Sequence[str | os.PathLike], **kw) ->
         return CsvImageText(s, **kw)
     if suffix == ".jsonl":
         return JsonlImageText(s, **kw)
-    if suffix == ".tar" or glob.has_magic(s) or _BRACES.search(s):
+    if suffix == ".tar" or glob.has_magic(s) or _BRACE_GROUP.search(s):
         return WebDatasetShards(s, **kw)
     if not p.exists():
         raise UserError(f"no such file or directory: {s}")

@@ -38,7 +38,7 @@ class SVQTrainConfig:
     stage: int = 1  # 1: continuous tokens; 2: fine-tune through the frozen codebook (straight-through)
     preset: str = ""  # named model sizes (full, tiny36, tiny36-64px, micro8, small) as defaults for the model flags
     # CSV / JSONL / image folder (form_data formats) or the original's JSON list of paths
-    train_data: str = path_field(PathArg("in", content="images"))
+    train_data: str = path_field(PathArg("in", content="images", urls=True))
     # held-out images for MSE / PSNR (and codebook usage in stage 2)
     val_data: str = path_field(PathArg("in", content="images"))
     # our run dir / ckpt-*.pt / model.safetensors to start from (required in stage 2)
@@ -160,6 +160,9 @@ def build_model(mc: StyledVQConfig, tc: SVQTrainConfig) -> StyledVQ:
 def train(mc: StyledVQConfig, tc: SVQTrainConfig, rc: RuntimeConfig) -> dict:
     if not tc.train_data:
         raise UserError("--train-data is required (CSV / JSONL / image folder, or a JSON list of image paths)")
+    if rc.fsdp and rc.fsdp_param_dtype == "bf16":
+        raise UserError("--fsdp-param-dtype bf16: Styled-VQ's bottleneck computes in fp32 (use the default fp32; "
+                        "--precision bf16 still runs the blocks in bf16)")
     torch.manual_seed(rc.seed)
     model = build_model(mc, tc)
     model.set_grad_checkpointing(tc.grad_checkpointing)

@@ -47,6 +47,11 @@ class RuntimeConfig:
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     grad_clip: float = 0.0  # max global grad norm per optimizer; 0 = off
     workers: int = 2  # DataLoader worker processes
+    dataset_resampled: bool = False  # webdataset shards drawn with replacement per rank and worker (open_clip)
+    train_num_samples: int = 0  # samples per epoch over all processes, for webdataset shards (required for them)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the torchrun processes (FSDP2, per block)
+    fsdp_param_dtype: str = "fp32"  # fp32 | bf16: what FSDP gathers for compute (bf16: half the traffic; no autocast)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory
     channels_last: bool = False  # NHWC memory format for conv models (faster convolutions on CPU and recent GPUs)
     log_every: int = 10
     save_every: int = 500  # steps between checkpoints (and one at the end)

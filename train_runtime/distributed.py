@@ -21,6 +21,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    joined: bool = False  # in a process group (every torchrun launch, even of one process)
 
     @property
     def is_main(self) -> bool:
@@ -28,7 +29,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """DDP / FSDP / collectives: under torchrun (nccl on CUDA, gloo on CPU), even with one process."""
+        return self.world_size > 1 or self.joined
 
 
 def setup(device: str = "auto") -> DistEnv:
@@ -39,9 +41,11 @@ def setup(device: str = "auto") -> DistEnv:
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, also for --nproc_per_node 1
+    if launched and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev,
+                   joined=dist.is_available() and dist.is_initialized())
 
 
 def barrier() -> None:

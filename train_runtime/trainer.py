@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from train_runtime import checkpoint as ckpt
 from train_runtime import distributed as distrib
+from train_runtime import fsdp
 from train_runtime.config import RuntimeConfig, to_dict
 from train_runtime.optim import make_optimizer, make_scheduler
 from zh_t2i_base.cli import UserError
@@ -152,6 +153,12 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def _batch_len(batch: Any, default: int) -> int:
+    """Samples in a collated batch: the length of its first tensor (``default`` when it holds none)."""
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
+    return next((len(v) for v in values if isinstance(v, torch.Tensor) and v.ndim), default)
+
+
 def _to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
     if isinstance(batch, torch.Tensor):
         batch = batch.to(device, non_blocking=True)
@@ -186,6 +193,65 @@ class Trainer:
             raise UserError("--report-to wandb needs the wandb package: pip install '.[wandb]'")
 
     # ------------------------------------------------------------------------------------------------------------
+    def _plan_data(self, env: distrib.DistEnv) -> tuple[EpochSampler | None, int]:
+        """The epoch's sampler (None for a stream) and batches per process per epoch; refuses what cannot train.
+
+        A listed data set (with ``__len__``) is read in a (seed, epoch) permutation; a stream (an IterableDataset:
+        webdataset shards) needs ``--train-num-samples N``: an epoch is then N samples over all processes
+        (N // (batch_size * world_size) batches per process, open_clip's convention)."""
+        cfg = self.cfg
+        n = cfg.train_num_samples
+        if n < 0:
+            raise UserError(f"--train-num-samples must be positive, got {n}")
+        if hasattr(self.dataset, "__len__"):
+            if cfg.dataset_resampled or n:
+                flag = "--dataset-resampled" if cfg.dataset_resampled else "--train-num-samples"
+                raise UserError(f"{flag} is for webdataset shards (a stream); this data set is a listing of "
+                                f"{len(self.dataset)} samples, each epoch reads it once: leave {flag} out")
+            sampler = EpochSampler(len(self.dataset), env.rank, env.world_size, cfg.seed, self.shuffle)
+            if sampler.per_rank // cfg.batch_size < 1:
+                raise UserError(f"the data set has {len(self.dataset)} samples: fewer than one batch of "
+                                f"{cfg.batch_size} per process ({env.world_size} process(es))")
+            return sampler, sampler.per_rank // cfg.batch_size
+        if not hasattr(self.dataset, "set_epoch"):
+            raise UserError(f"{type(self.dataset).__name__}: a data stream without set_epoch cannot be trained on")
+        if n == 0:
+            raise UserError("--train-data is a stream of webdataset shards (no length): give --train-num-samples N, "
+                            "the samples of an epoch over all processes (e.g. about the shards' total)")
+        batches = n // (cfg.batch_size * env.world_size)
+        if batches < cfg.grad_accum:
+            raise UserError(f"--train-num-samples {n} is less than one step: {cfg.batch_size} (--batch-size) x "
+                            f"{cfg.grad_accum} (--grad-accum) x {env.world_size} process(es)")
+        if hasattr(self.dataset, "configure_stream"):
+            self.dataset.configure_stream(seed=cfg.seed, shuffle=self.shuffle, resampled=cfg.dataset_resampled)
+        elif cfg.dataset_resampled:
+            raise UserError(f"--dataset-resampled: {type(self.dataset).__name__} cannot resample its shards")
+        return None, batches
+
+    def _stream_batches(self, epoch: int, start: int, batches: int, env: distrib.DistEnv) -> Iterator[Any]:
+        """Batches ``start`` .. ``batches`` of a stream's epoch; the stream knows the epoch (and a resumed epoch's
+        start: see ``WebDatasetShards.set_epoch``). Every process takes the same number of batches."""
+        cfg = self.cfg
+        self.dataset.set_epoch(epoch, skip_batches=start, batch_size=cfg.batch_size)  # type: ignore[attr-defined]
+        loader = DataLoader(self.dataset, batch_size=cfg.batch_size, drop_last=True, num_workers=cfg.workers,
+                            collate_fn=self.collate_fn, worker_init_fn=_seed_worker,
+                            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+                            pin_memory=env.device.type == "cuda", persistent_workers=False)
+        it = iter(loader)
+        for i in range(start, batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise UserError(f"the data stream ended after {i} of the {batches} batches of epoch {epoch} on "
+                                f"rank {env.rank}") from None
+            except UserError as e:  # re-raised from a DataLoader worker with its traceback: keep the message
+                lines = str(e).strip().splitlines()
+                if len(lines) < 2:
+                    raise
+                raise UserError(lines[-1].split(": ", 1)[-1]) from None
+            yield batch
+
+    # ------------------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to ``max_steps`` (or ``max_time``, or SIGTERM); returns the last logged metrics and evaluation."""
         cfg = self.cfg
@@ -200,14 +266,12 @@ class Trainer:
         # Everything that can refuse the run is checked before the run directory gets anything: after a bad start a
         # fresh --out-dir does not exist, an old one holds nothing new.
         precision = resolve_precision(cfg.precision, env.device)
-        if not hasattr(self.dataset, "__len__"):
-            raise UserError("training needs a listed data set (CSV / JSONL / image folder); webdataset shards can be "
-                            "read with form_data.datasets but not yet trained on")
-        sampler = EpochSampler(len(self.dataset), env.rank, env.world_size, cfg.seed, self.shuffle)
-        batches_per_epoch = sampler.per_rank // cfg.batch_size
-        if batches_per_epoch < 1:
-            raise UserError(f"the data set has {len(self.dataset)} samples: fewer than one batch of "
-                            f"{cfg.batch_size} per process ({env.world_size} process(es))")
+        shard = cfg.fsdp and env.distributed  # one process: the same run, unsharded (and the same checkpoints)
+        if cfg.fsdp and precision == "fp16":
+            raise UserError("--fsdp trains in bf16 (fp32 reduction) or fp32, not fp16: use --precision bf16")
+        if cfg.fsdp_param_dtype not in fsdp.PARAM_DTYPES:
+            raise UserError(f"--fsdp-param-dtype must be fp32 or bf16, got {cfg.fsdp_param_dtype!r}")
+        sampler, batches_per_epoch = self._plan_data(env)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         modules = task.modules()
@@ -218,6 +282,10 @@ class Trainer:
                     raise UserError(f"{resume_path}: no state for module {name!r}; is it a checkpoint of this trainer?")
                 with self._fitting(resume_path, state):
                     module.load_state_dict(state["modules"][name])
+                    if shard and not fsdp.by_name(state["optimizers"][name]):  # a DDP / one-process checkpoint
+                        state["optimizers"][name] = fsdp.named_optimizer_state(module, lambda m=module, n=name: (
+                            make_optimizer(m, cfg.lr * task.lr_scale(n), cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                           torch.device("cpu"))), state["optimizers"][name])
         if env.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,21 +302,24 @@ class Trainer:
             module.to(env.device)
             if cfg.channels_last:
                 module.to(memory_format=torch.channels_last)
+            fsdp.prepare(module, cfg.fsdp_param_dtype, shard=shard, checkpointing=cfg.activation_checkpointing)
             task.ddp[name] = (DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                   find_unused_parameters=task.find_unused_parameters(name))
-                              if env.distributed else module)
+                              if env.distributed and not shard else module)
             optimizers[name] = make_optimizer(module, cfg.lr * task.lr_scale(name), cfg.weight_decay,
                                               (cfg.beta1, cfg.beta2), env.device)
             schedulers[name] = make_scheduler(optimizers[name], cfg.warmup_steps, cfg.max_steps, cfg.schedule,
                                               cfg.min_lr_ratio)
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        autocast = precision_autocast(env.device, precision)
+        # with --fsdp-param-dtype bf16 the units compute in bf16 parameters (inputs cast at each unit), not autocast
+        bf16_units = shard and cfg.fsdp_param_dtype == "bf16"
+        autocast = contextlib.nullcontext() if bf16_units else precision_autocast(env.device, precision)
 
         step, epoch, batch_in_epoch = 0, 0, 0
         if resume_path is not None:
             for name in modules:
                 with self._fitting(resume_path, state):
-                    optimizers[name].load_state_dict(state["optimizers"][name])
+                    fsdp.load_optimizer_state(modules[name], optimizers[name], state["optimizers"][name])
                 schedulers[name].load_state_dict(state["schedulers"][name])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
@@ -273,12 +344,14 @@ class Trainer:
         last_log: dict = {}
         stop_reason = "max_steps"
         skipped_total = 0
+        samples_seen = step * cfg.batch_size * cfg.grad_accum  # this rank's, counted batch by batch
 
         def save_now() -> Path | None:
             state = {
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "modules": {n: m.state_dict() for n, m in modules.items()},
-                "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                "modules": {n: fsdp.full_model_state(m) if shard else m.state_dict() for n, m in modules.items()},
+                "optimizers": {n: fsdp.full_optimizer_state(modules[n], o) if shard else o.state_dict()
+                               for n, o in optimizers.items()},
                 "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": ckpt.rng_state(), "config": self.config, "meta": task.meta(),
@@ -287,16 +360,20 @@ class Trainer:
             distrib.barrier()
             return path
 
-        items = SeededItems(self.dataset, cfg.seed)
+        items = SeededItems(self.dataset, cfg.seed) if sampler is not None else None
         try:
             while step < cfg.max_steps and stop_reason == "max_steps":
-                sampler.set_epoch(epoch, start=batch_in_epoch * cfg.batch_size)
-                items.epoch = epoch
-                loader = DataLoader(items, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                    num_workers=cfg.workers, collate_fn=self.collate_fn, worker_init_fn=_seed_worker,
-                                    generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
-                                    pin_memory=env.device.type == "cuda", persistent_workers=False)
-                it = iter(loader)
+                if sampler is None:  # a stream of webdataset shards: an epoch is --train-num-samples samples
+                    it = self._stream_batches(epoch, batch_in_epoch, batches_per_epoch, env)
+                else:
+                    sampler.set_epoch(epoch, start=batch_in_epoch * cfg.batch_size)
+                    items.epoch = epoch
+                    loader = DataLoader(items, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                        num_workers=cfg.workers, collate_fn=self.collate_fn,
+                                        worker_init_fn=_seed_worker,
+                                        generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+                                        pin_memory=env.device.type == "cuda", persistent_workers=False)
+                    it = iter(loader)
                 while step < cfg.max_steps:
                     micro = [b for b in (next(it, None) for _ in range(cfg.grad_accum)) if b is not None]
                     batch_in_epoch += len(micro)
@@ -312,6 +389,7 @@ class Trainer:
                         self._micro_step(batch, step, i == len(micro) - 1, autocast, scaler, modules, window, env,
                                          last_ckpt)
                     window_samples += cfg.batch_size * len(micro) * env.world_size
+                    samples_seen += sum(_batch_len(b, cfg.batch_size) for b in micro)
                     for name in modules:
                         opt = optimizers[name]
                         if scaler is not None:
@@ -333,11 +411,13 @@ class Trainer:
                         elapsed = time.perf_counter() - window_start
                         means = distrib.mean_over_ranks({k: float(np.mean(v)) for k, v in sorted(window.items())},
                                                         env.device)
+                        counts = distrib.mean_over_ranks({"n": float(skipped_total), "seen": float(samples_seen)},
+                                                         env.device)  # sums over ranks, below
                         last_log = {"step": step, "epoch": epoch,
                                     "lr": schedulers[next(iter(modules))].get_last_lr()[0], **means,
                                     "samples_per_s": window_samples / max(elapsed, 1e-9),
-                                    "skipped_images": int(distrib.mean_over_ranks(
-                                        {"n": float(skipped_total)}, env.device)["n"] * env.world_size)}
+                                    "samples_seen": round(counts["seen"] * env.world_size),
+                                    "skipped_images": round(counts["n"] * env.world_size)}
                         if env.is_main:
                             self._log(last_log, wandb_run)
                             bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in last_log.items()
@@ -366,12 +446,13 @@ class Trainer:
             return {"stopped": "sigterm", "step": step}
         result = {"train": last_log, "eval": self._evaluate(env, step, wandb_run), "step": step, "stopped": stop_reason,
                   "world_size": env.world_size}
-        if env.distributed:
+        if env.distributed and not shard:
             result["rank_param_max_diff"] = _rank_param_divergence(modules, env.device)
         self._sample(env, step)
+        weights = {n: fsdp.full_model_state(m) if shard else m.state_dict() for n, m in modules.items()}
         if env.is_main:
-            for name, module in modules.items():
-                ckpt.export_safetensors(module.state_dict(), self.run_dir / f"{name}.safetensors",
+            for name in modules:
+                ckpt.export_safetensors(weights[name], self.run_dir / f"{name}.safetensors",
                                         {"step": step, "meta": json.dumps(task.meta())})
             write_json(self.run_dir / "result.json", result)
         if wandb_run is not None:
@@ -383,10 +464,11 @@ class Trainer:
                     window: dict[str, list[float]], env: distrib.DistEnv, last_ckpt) -> None:
         """Forward + backward of one micro-batch; gradients are all-reduced only on the last one (``sync``)."""
         with contextlib.ExitStack() as stack:
-            if not sync:
-                for m in self.task.ddp.values():
-                    if isinstance(m, DDP):
-                        stack.enter_context(m.no_sync())
+            for m in self.task.ddp.values():
+                if isinstance(m, DDP) and not sync:
+                    stack.enter_context(m.no_sync())
+                elif hasattr(m, "set_requires_gradient_sync"):  # FSDP: reduce-scatter on the last micro-batch only
+                    m.set_requires_gradient_sync(sync)
             with autocast:
                 losses, extra = self.task.training_step(batch, step)
             finite = all(bool(torch.isfinite(v.detach()).all()) for v in losses.values())
@@ -456,19 +538,26 @@ class Trainer:
 
     def _evaluate(self, env: distrib.DistEnv, step: int, wandb_run=None) -> dict:
         metrics = {}
-        if env.is_main:
-            with self._inference():
-                metrics = self.task.evaluate(step) or {}
-            if metrics:
-                self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}, wandb_run)
-        distrib.barrier()
+        with self._gathered(env):
+            if env.is_main:
+                with self._inference():
+                    metrics = self.task.evaluate(step) or {}
+                if metrics:
+                    self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}, wandb_run)
+            distrib.barrier()
         return metrics
 
     def _sample(self, env: distrib.DistEnv, step: int) -> None:
-        if env.is_main:
-            with self._inference():
-                self.task.sample(step, self.run_dir)
-        distrib.barrier()
+        with self._gathered(env):
+            if env.is_main:
+                with self._inference():
+                    self.task.sample(step, self.run_dir)
+            distrib.barrier()
+
+    def _gathered(self, env: distrib.DistEnv):
+        """Under FSDP, every rank gathers the full models so that rank 0 alone can evaluate or sample."""
+        shard = self.cfg.fsdp and env.distributed
+        return fsdp.gathered(list(self.task.ddp.values())) if shard else contextlib.nullcontext()
 
     def _wandb(self, env: distrib.DistEnv):
         if not env.is_main:

@@ -28,7 +28,7 @@ from zh_t2i_base.images import save_image_grid
 class VAEConfig:
     model: str = "dvae"  # dvae | vqgan
     # CSV / JSONL / webdataset shards / image folder (form_data formats)
-    train_data: str = path_field(PathArg("in", content="images"))
+    train_data: str = path_field(PathArg("in", content="images", urls=True))
     val_data: str = path_field(PathArg("in", content="images"))  # held-out split for PSNR/SSIM/codebook usage
     image_size: int = 64
     random_crop: bool = False  # RandomResizedCrop(scale 0.75-1) as the seed's DALLE did; else resize + centre crop

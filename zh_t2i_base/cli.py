@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -144,6 +145,9 @@ def finite_float(minimum: float | None = None, maximum: float | None = None) -> 
     return parse
 
 
+_SHARD_PATTERN = re.compile(r"\{(\d+\.\.\d+|[^{}]*,[^{}]*)\}|[*?\[]")  # a brace range or list, or a glob
+
+
 class PathArg:
     """An argparse ``type`` for a path flag, checked while the command line is parsed, before any work and without
     creating anything:
@@ -154,12 +158,14 @@ class PathArg:
 
     ``content`` says what an input holds ("table", "json", "jsonl", "yaml", "checkpoint", "text", "images", "npy",
     "tokens"): it is shown in --help and drives the bad-input sweep test, which feeds each kind its broken variants.
-    The parsed value stays the string given; an empty string means "not given" and passes unchecked."""
+    The parsed value stays the string given; an empty string means "not given" and passes unchecked. With ``urls``
+    (an input of webdataset shards) a ``pipe:CMD`` URL, an ``a::b`` list, a brace pattern (``{000..009}``, ``{a,b}``)
+    or a glob also passes unchecked here: the data set expands and checks it when it is opened."""
 
-    def __init__(self, role: str, kind: str = "any", content: str = ""):
+    def __init__(self, role: str, kind: str = "any", content: str = "", urls: bool = False):
         if role not in ("in", "out") or kind not in ("file", "dir", "any"):
             raise ValueError(f"bad PathArg({role!r}, {kind!r})")
-        self.role, self.kind, self.content = role, kind, content
+        self.role, self.kind, self.content, self.urls = role, kind, content, urls
         self.__name__ = f"{'input' if role == 'in' else 'output'} {'path' if kind == 'any' else kind}"
 
     def __repr__(self) -> str:
@@ -167,6 +173,8 @@ class PathArg:
 
     def __call__(self, text: str) -> str:
         if not text:
+            return text
+        if self.urls and (text.startswith("pipe:") or "::" in text or _SHARD_PATTERN.search(text)):
             return text
         path = Path(text).expanduser()
         (self._check_input if self.role == "in" else self._check_output)(path)
