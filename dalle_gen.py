@@ -9,6 +9,10 @@ image's seed, checkpoint). Rerunning the same command resumes: images already th
 run's images is refused unless ``--overwrite``. Sampling is batched and KV-cached; ``--cond-scale`` > 1 uses
 classifier-free guidance (the model must have been trained with ``--null-cond-prob`` > 0); ``--top-k`` /
 ``--filter-thres`` act on the image vocabulary only. Then rerank with ``python clip_sort.py TEXT N DIR``.
+
+The sampler follows the checkpoint's kind: autoregressive (``python -m dalle_train``, token by token) or masked
+(``--kind masked``: MaskGIT-style parallel decoding in ``--steps`` steps, default 12, most confident tokens first or
+``--unmask-order sequential``). ``--steps`` and ``--unmask-order`` are refused for an autoregressive checkpoint.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ def parser() -> ArgumentParser:
                         "given)")
     p.add_argument("--temperature", type=finite_float(0.0), default=1.0)
     p.add_argument("--cond-scale", type=finite_float(), default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=positive_int,
+                   help="masked checkpoints only: parallel decoding steps (12 when not given)")
+    p.add_argument("--unmask-order", choices=("confidence", "sequential"),
+                   help="masked checkpoints only: fix the most confident tokens first (confidence, used when not "
+                        "given), or the first ones in token order (sequential: coarse -> fine for Styled-VQ)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="image i uses seed + i")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--format", choices=("png", "jpg"), default="png")
@@ -77,18 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     filter_thres = a.filter_thres if a.filter_thres is not None or a.top_k is not None else 0.9
     if filter_thres is not None and not 0.0 <= filter_thres < 1.0:
         raise UserError(f"--filter-thres must be in [0, 1), got {filter_thres}")
-    from dalle_train.generate import check_output_dir, load_dalle, settings_dict, write_images
+    from dalle_train.generate import check_output_dir, load_dalle, sampler_options, settings_dict, write_images
     from zh_t2i_base.fileio import ensure_writable_dir
 
     jobs = expand_prompts(a.text, a.dir)
     bundle = load_dalle(getattr(a, "checkpoint", DEFAULT_CHECKPOINT), a.device, a.vocab, a.image_tokenizer,
                         a.image_tokenizer_yaml, a.trust_checkpoint)
+    sampler_options(bundle, a.steps, a.unmask_order)  # --steps / --unmask-order: masked checkpoints only
     runs = []
     for i, (text, out) in enumerate(jobs):  # every DIR checked before any image is made
         ensure_writable_dir(out)
         settings = settings_dict(bundle, batch_size=a.batch_size, top_k=a.top_k, filter_thres=filter_thres,
                                  temperature=a.temperature, cond_scale=a.cond_scale,
-                                 seed=a.seed + PROMPT_SEED_STRIDE * i)
+                                 seed=a.seed + PROMPT_SEED_STRIDE * i, steps=a.steps, unmask_order=a.unmask_order)
         runs.append((text, check_output_dir(out, text, bundle.checkpoint, settings, a.format, a.overwrite), settings))
     for text, out, settings in runs:
         t0 = time.perf_counter()

@@ -1,7 +1,10 @@
 """Text -> images with a trained DALLE checkpoint: loading, the ``generate`` API and the outputs of ``dalle_gen.py``.
 
 A checkpoint alone is enough: its ``meta`` holds the model config, the text vocabulary and the image tokenizer's
-path (overridable when the tokenizer has moved).
+path (overridable when the tokenizer has moved), and which generator it is (``meta["model_kind"]``: ``"dalle"``, the
+autoregressive :class:`~dalle_train.model.DALLE`, or ``"masked"``, the MaskGIT-style
+:class:`~dalle_train.masked.MaskedDALLE`; checkpoints from before the masked model have none and are ``"dalle"``).
+The sampler follows the kind.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dalle_train.masked import MaskedDALLE
+from dalle_train.masked_sample import DEFAULT_STEPS, ORDERS, sample_tokens_masked
 from dalle_train.model import DALLE, DALLEConfig
 from dalle_train.sample import sample_tokens, top_k_count
 from form_data.tokenizer import ChineseTokenizer, load_tokenizer, tokenizer_from_tokens, vocab_digest
@@ -37,11 +42,22 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, Path]:
     return meta, state, p
 
 
+MODELS = {"dalle": DALLE, "masked": MaskedDALLE}  # meta["model_kind"] -> the model class
+
+
+def model_kind(meta: dict, file: str | os.PathLike = "checkpoint") -> str:
+    """The generator a checkpoint holds: ``meta["model_kind"]``, ``"dalle"`` (autoregressive) when absent."""
+    kind = meta.get("model_kind", "dalle")
+    if kind not in MODELS:
+        raise UserError(f"{file}: unknown DALLE model kind {kind!r} (known: {', '.join(MODELS)})")
+    return kind
+
+
 @dataclass
 class DalleBundle:
-    """A loaded DALLE with the two tokenizers it needs."""
+    """A loaded DALLE (autoregressive or masked) with the two tokenizers it needs."""
 
-    model: DALLE
+    model: DALLE | MaskedDALLE
     text_tokenizer: ChineseTokenizer
     image_tokenizer: torch.nn.Module
     checkpoint: Path
@@ -51,19 +67,26 @@ class DalleBundle:
     def device(self) -> torch.device:
         return self.model.text_emb.weight.device
 
+    @property
+    def kind(self) -> str:
+        """``"dalle"`` (autoregressive) or ``"masked"``."""
+        return "masked" if isinstance(self.model, MaskedDALLE) else "dalle"
+
 
 def load_dalle(path: str | os.PathLike, device: str | torch.device = "auto", vocab: str | None = None,
                image_tokenizer: str | None = None, image_tokenizer_yaml: str | None = None,
                trust_checkpoint: bool = False) -> DalleBundle:
-    """Load a DALLE checkpoint and its tokenizers. ``vocab`` (optional) must be the vocabulary it was trained with;
-    ``image_tokenizer`` overrides the recorded path."""
+    """Load a DALLE checkpoint (either kind: the model class follows ``meta["model_kind"]``) and its tokenizers.
+    ``vocab`` (optional) must be the vocabulary it was trained with; ``image_tokenizer`` overrides the recorded
+    path."""
     from vae_train.load import load_image_tokenizer
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     meta, state, file = read_checkpoint(path)
+    kind = model_kind(meta, file)
     try:
         cfg = DALLEConfig(**meta["config"])
-        model = DALLE(cfg)
+        model = MODELS[kind](cfg)
         model.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{file}: weights do not match the stored DALLE config ({str(e).splitlines()[0]})") from None
@@ -110,16 +133,34 @@ def encode_prompt(bundle: DalleBundle, text: str) -> tuple[torch.Tensor, bool]:
     return ids, bool(cut[0])
 
 
+def sampler_options(bundle: DalleBundle, steps: int | None = None, unmask_order: str | None = None) -> dict:
+    """The masked sampler's options resolved for ``bundle`` (defaults: :data:`DEFAULT_STEPS` steps, confidence
+    order), or ``{}`` for an autoregressive model, which refuses them."""
+    if bundle.kind != "masked":
+        for flag, value in (("--steps", steps), ("--unmask-order", unmask_order)):
+            if value is not None:
+                raise UserError(f"{flag} is for masked checkpoints; {bundle.checkpoint} is autoregressive (kind dalle)")
+        return {}
+    order = unmask_order or ORDERS[0]
+    if order not in ORDERS:
+        raise UserError(f"--unmask-order must be one of {', '.join(ORDERS)}, got {order!r}")
+    return {"steps": DEFAULT_STEPS if steps is None else steps, "order": order}
+
+
 def generate_batches(bundle: DalleBundle, ids: torch.Tensor, indices: Iterable[int], *, seed: int = 0,
                      batch_size: int = 32, top_k: int | None = None, filter_thres: float | None = None,
-                     temperature: float = 1.0, cond_scale: float = 1.0) -> Iterator[tuple[list[int], torch.Tensor]]:
+                     temperature: float = 1.0, cond_scale: float = 1.0, steps: int | None = None,
+                     unmask_order: str | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
     """``(indices, images [b, 3, H, W] in [0, 1] on the CPU)`` batch by batch for the image indices asked for;
-    image ``i`` uses seed ``seed + i``, so it is the same image whatever the batch size or the other indices."""
+    image ``i`` uses seed ``seed + i``, so it is the same image whatever the batch size or the other indices.
+    ``steps`` / ``unmask_order``: masked models only (see :func:`sampler_options`)."""
+    masked = sampler_options(bundle, steps, unmask_order)
+    sampler = sample_tokens_masked if masked else sample_tokens
     it = iter(indices)
     while chunk := list(itertools.islice(it, batch_size)):
         try:
-            tokens = sample_tokens(bundle.model, ids, [seed + i for i in chunk], batch_size=len(chunk), top_k=top_k,
-                                   filter_thres=filter_thres, temperature=temperature, cond_scale=cond_scale)
+            tokens = sampler(bundle.model, ids, [seed + i for i in chunk], batch_size=len(chunk), top_k=top_k,
+                             filter_thres=filter_thres, temperature=temperature, cond_scale=cond_scale, **masked)
         except ValueError as e:
             raise UserError(str(e)) from None
         with torch.no_grad():
@@ -128,14 +169,16 @@ def generate_batches(bundle: DalleBundle, ids: torch.Tensor, indices: Iterable[i
 
 def generate(bundle: DalleBundle, text: str, n: int, *, seed: int = 0, batch_size: int = 32, top_k: int | None = None,
              filter_thres: float | None = None, temperature: float = 1.0, cond_scale: float = 1.0,
-             progress: bool = False) -> Generation:
+             steps: int | None = None, unmask_order: str | None = None, progress: bool = False) -> Generation:
     """``n`` images for ``text`` in memory; image ``i`` uses seed ``seed + i`` (reproducible, independent of batch
-    size). For many images use :func:`write_images`, which streams them to disk."""
+    size). ``steps`` (default 12) and ``unmask_order`` (``"confidence"`` or ``"sequential"``) are for masked models
+    only. For many images use :func:`write_images`, which streams them to disk."""
     if n < 1:
         raise UserError(f"the number of images must be >= 1, got {n}")
     ids, truncated = encode_prompt(bundle, text)
     batches = generate_batches(bundle, ids, list(range(n)), seed=seed, batch_size=batch_size, top_k=top_k,
-                               filter_thres=filter_thres, temperature=temperature, cond_scale=cond_scale)
+                               filter_thres=filter_thres, temperature=temperature, cond_scale=cond_scale, steps=steps,
+                               unmask_order=unmask_order)
     images = [imgs for _, imgs in tqdm(batches, total=-(-n // batch_size), desc="generating", unit="batch",
                                          disable=not progress, leave=False)]
     return Generation(torch.cat(images), [seed + i for i in range(n)], ids[0], truncated)
@@ -143,7 +186,8 @@ def generate(bundle: DalleBundle, text: str, n: int, *, seed: int = 0, batch_siz
 
 GRID_MAX = 64  # images shown in DIR/grid.png (the first ones), whatever N is
 RUN_FILE = ".dalle_gen-run.json"  # written at the start, removed with meta.json's arrival: a run that can resume
-SAME_RUN_KEYS = ("top_k", "filter_thres", "temperature", "cond_scale", "seed", "top_k_resolved")
+SAME_RUN_KEYS = ("top_k", "filter_thres", "temperature", "cond_scale", "seed", "top_k_resolved", "steps",
+                 "unmask_order")
 
 
 def _run_record(text: str, checkpoint: Path, settings: dict, image_format: str) -> dict:
@@ -209,7 +253,8 @@ def write_images(bundle: DalleBundle, text: str, n: int, out: Path, settings: di
     bar = tqdm(total=n, initial=done, desc="images", unit="img", disable=not progress)
     batches = generate_batches(bundle, ids, todo, seed=seed, batch_size=settings.get("batch_size", 32),
                                top_k=settings.get("top_k"), filter_thres=settings.get("filter_thres"),
-                               temperature=settings.get("temperature", 1.0), cond_scale=settings.get("cond_scale", 1.0))
+                               temperature=settings.get("temperature", 1.0), cond_scale=settings.get("cond_scale", 1.0),
+                               steps=settings.get("steps"), unmask_order=settings.get("unmask_order"))
     for chunk, images in batches:
         for i, img in zip(chunk, to_pil(images), strict=True):
             with atomic_path(out / f"{i}.{image_format}") as tmp:
@@ -222,14 +267,17 @@ def write_images(bundle: DalleBundle, text: str, n: int, out: Path, settings: di
     save_image_grid(shown, out / "grid.png", nrow=min(8, len(shown)))
     meta = {"prompt": text, "text_ids": ids[0].tolist(), "truncated": truncated, "n": n, "format": image_format,
             "images": names, "seeds": [seed + i for i in range(n)], "reused": done,
-            "checkpoint": str(bundle.checkpoint), "settings": settings}
+            "checkpoint": str(bundle.checkpoint), "kind": bundle.kind, "settings": settings}
     write_json(out / "meta.json", meta)
     (out / RUN_FILE).unlink(missing_ok=True)
     return meta
 
 
 def settings_dict(bundle: DalleBundle, **kw) -> dict:
-    """The sampling settings as meta.json records them (with the resolved top-k)."""
+    """The sampling settings as meta.json records them (with the resolved top-k, and for a masked model the resolved
+    ``steps`` and ``unmask_order``; both None for an autoregressive one, which refuses them)."""
     k = top_k_count(bundle.model.cfg.num_image_tokens, kw.get("top_k"), kw.get("filter_thres"))
-    return {**kw, "top_k_resolved": k, "device": str(bundle.device)}
+    masked = sampler_options(bundle, kw.get("steps"), kw.get("unmask_order"))
+    return {**kw, "steps": masked.get("steps"), "unmask_order": masked.get("order"), "top_k_resolved": k,
+            "device": str(bundle.device)}
 

@@ -82,13 +82,15 @@ class Attention(nn.Module):
         b, _, n, _ = o.shape
         return self.to_out(o.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
-    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
-        """Causal attention over ``x``; with ``cache`` (this layer's K/V buffers), ``x`` holds positions
-        ``start .. start + n - 1`` and attends to everything cached before them too."""
+    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None, start: int = 0,
+                causal: bool = True) -> Tensor:
+        """Causal attention over ``x`` (``causal=False``: every position sees every other, for the masked model;
+        uncached only); with ``cache`` (this layer's K/V buffers), ``x`` holds positions ``start .. start + n - 1``
+        and attends to everything cached before them too."""
         q, k, v = self._qkv(x)
         drop = self.attn_dropout if self.training else 0.0
         if cache is None:
-            return self._out(F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True))
+            return self._out(F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal))
         ck, cv = cache
         n = x.shape[1]
         ck[:, :, start:start + n] = k
@@ -126,8 +128,9 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
-        x = x + self.drop(self.attn(self.norm_attn(x), cache, start))
+    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None, start: int = 0,
+                causal: bool = True) -> Tensor:
+        x = x + self.drop(self.attn(self.norm_attn(x), cache, start, causal))
         return x + self.drop(self.ff(self.norm_ff(x)))
 
 

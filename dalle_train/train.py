@@ -4,8 +4,9 @@ Data: a token file from ``python -m vae_train tokenize`` (the default: no image-
 image split (CSV / JSONL / folder) encoded on the fly by ``--image-tokenizer``. Captions are tokenized with the
 toolkit's Chinese tokenizer to ``text_seq_len``.
 
-Every checkpoint is self-describing (``meta``): the model config, the text vocabulary itself and a reference to the
-image tokenizer (path, yaml, kind, sizes), so ``dalle_gen.py`` needs only the checkpoint path.
+Every checkpoint is self-describing (``meta``): the model config, the text vocabulary itself, a reference to the
+image tokenizer (path, yaml, kind, sizes) and the generator (``model_kind``: ``"dalle"``, autoregressive, or
+``"masked"``, MaskGIT-style; ``--kind``), so ``dalle_gen.py`` needs only the checkpoint path.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dalle_train.masked import MaskedDALLE
+from dalle_train.masked_sample import DEFAULT_STEPS, sample_tokens_masked
 from dalle_train.model import DALLE, DALLEConfig
 from dalle_train.sample import sample_tokens
 from form_data.datasets import collate, default_transform, is_shard_url, open_dataset
@@ -28,9 +31,12 @@ from train_runtime.config import path_field, to_dict
 from zh_t2i_base.cli import PathArg, UserError, user_errors
 from zh_t2i_base.images import save_image_grid
 
+KINDS = {"dalle": DALLE, "masked": MaskedDALLE}
+
 
 @dataclass
 class DALLETrainConfig:
+    kind: str = "dalle"  # dalle (autoregressive) | masked (MaskGIT-style, bidirectional; loss_img_weight unused)
     # token file (.pt) from `vae_train tokenize`, or an image split encoded on the fly
     train_data: str = path_field(PathArg("in", content="tokens", urls=True))  # or images (shards too)
     val_data: str = path_field(PathArg("in", content="tokens"))  # same kind as train_data: validation loss
@@ -55,6 +61,7 @@ class DALLETrainConfig:
     sample_images: int = 8  # images per prompt in the grids
     sample_cond_scale: float = 1.0
     sample_top_k: int = 0  # 0 = filter_thres 0.9 of the image vocabulary
+    sample_steps: int = DEFAULT_STEPS  # --kind masked: decoding steps of the grids
 
 
 def text_tokenizer_meta(tok: ChineseTokenizer) -> dict:
@@ -98,7 +105,7 @@ def is_token_file(path: str) -> bool:
 
 
 class DALLETask(Task):
-    def __init__(self, dc: DALLETrainConfig, model: DALLE, tok: ChineseTokenizer, image_tok_ref: dict,
+    def __init__(self, dc: DALLETrainConfig, model: DALLE | MaskedDALLE, tok: ChineseTokenizer, image_tok_ref: dict,
                  image_tokenizer: nn.Module | None, val_set: TokenDataset | None, prompts: list[str]):
         self.dc, self.model, self.tok = dc, model, tok
         self.image_tok_ref = image_tok_ref
@@ -130,14 +137,18 @@ class DALLETask(Task):
         if self.val_set is None:
             return {}
         n = min(len(self.val_set), self.dc.eval_samples)
+        masked = isinstance(self.model, MaskedDALLE)
+        gen = torch.Generator().manual_seed(0)  # masked: the same masks at every evaluation
         text_sum = img_sum = 0.0
         for lo in range(0, n, 64):
             idx = slice(lo, min(n, lo + 64))
             text = self.val_set.text[idx].to(self.env.device)
             image = self.val_set.image_tokens[idx].to(self.env.device)
-            _, logs = self.model(text, image)
-            text_sum += logs["loss_text"] * text.shape[0]
+            _, logs = self.model(text, image, generator=gen) if masked else self.model(text, image)
+            text_sum += logs.get("loss_text", 0.0) * text.shape[0]
             img_sum += logs["loss_img"] * text.shape[0]
+        if masked:  # CE on the masked positions of a cosine-schedule mask (no text loss: text is only read)
+            return {"loss_img": img_sum / n}
         return {"loss_text": text_sum / n, "loss_img": img_sum / n}
 
     def sample(self, step: int, run_dir: Path) -> None:
@@ -148,17 +159,19 @@ class DALLETask(Task):
         grids = []
         for p, prompt in enumerate(self.prompts):
             text = self.tok.encode(prompt, self.dc.text_seq_len)
-            ids = sample_tokens(self.model, text, [p * 1000 + i for i in range(k)], batch_size=k,
-                                top_k=self.dc.sample_top_k or None,
-                                filter_thres=None if self.dc.sample_top_k else 0.9,
-                                cond_scale=self.dc.sample_cond_scale)
+            masked = {"steps": self.dc.sample_steps} if isinstance(self.model, MaskedDALLE) else {}
+            sampler = sample_tokens_masked if masked else sample_tokens
+            ids = sampler(self.model, text, [p * 1000 + i for i in range(k)], batch_size=k,
+                          top_k=self.dc.sample_top_k or None, filter_thres=None if self.dc.sample_top_k else 0.9,
+                          cond_scale=self.dc.sample_cond_scale, **masked)
             grids.append(decoder.decode(ids.to(self.env.device)).cpu())
         images = torch.cat(grids)
         save_image_grid(images, run_dir / f"samples_{step:08d}.png", nrow=k)
         save_image_grid(images, run_dir / "samples_latest.png", nrow=k)
 
     def meta(self) -> dict:
-        return {"kind": "dalle", "config": self.model.cfg.to_dict(), "text_tokenizer": text_tokenizer_meta(self.tok),
+        return {"kind": "dalle", "model_kind": self.dc.kind, "config": self.model.cfg.to_dict(),
+                "text_tokenizer": text_tokenizer_meta(self.tok),
                 "image_tokenizer": self.image_tok_ref, "sample_prompts": self.prompts}
 
 
@@ -177,6 +190,10 @@ def build(dc: DALLETrainConfig) -> tuple[Dataset, DALLETask, object]:
         raise UserError(f"--train-data not found: {dc.train_data}")
     if not 0.0 <= dc.null_cond_prob < 1.0:
         raise UserError(f"--null-cond-prob must be in [0, 1), got {dc.null_cond_prob}")
+    if dc.kind not in KINDS:
+        raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {dc.kind!r}")
+    if dc.sample_steps < 1:
+        raise UserError(f"--sample-steps must be >= 1, got {dc.sample_steps}")
     tok = load_tokenizer(dc.vocab or None)
     image_tokenizer = None
     if is_token_file(dc.train_data):
@@ -228,7 +245,7 @@ def build(dc: DALLETrainConfig) -> tuple[Dataset, DALLETask, object]:
     else:
         captions = train_set.captions if isinstance(train_set, TokenDataset) else []
         prompts = list(dict.fromkeys(captions))[:4]
-    model = DALLE(cfg)
+    model = KINDS[dc.kind](cfg)
     task = DALLETask(dc, model, tok, ref, image_tokenizer, val_set, prompts)
     return train_set, task, collate_fn
 

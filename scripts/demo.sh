@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded synthetic data set, run the way a user runs it: every step prints its command.
 #   synthetic raw Wukong-style CSV + images on a loopback HTTP server -> clean -> download -> export -> vocab
-#   -> image tokenizer -> pre-tokenize -> DALLE -> CLIP -> dalle_gen.py @prompts -> clip_sort.py @prompts -> metrics, report
+#   -> image tokenizer -> pre-tokenize -> DALLE -> CLIP -> dalle_gen.py @prompts -> clip_sort.py @prompts
+#   -> zh_t2i_eval (judge-space Frechet distance, generated vs real val images) -> metrics, report
 # A second run reuses finished steps; FRESH=1 starts over. DEMO_PROFILE=ci runs a tiny version (tests use it).
 # Every budget is FIXED work (steps, samples, images), never a time: the same seed gives the same metrics.json on any
 # machine, up to float rounding. It uses CUDA when present (the same steps), else the CPU in fp32.
@@ -22,6 +23,9 @@ DALLE_ARGS=(--dim 128 --depth 4 --heads 4 --dim-head 32 --text-seq-len 16 --batc
             --warmup-steps 30 --null-cond-prob 0.2 --max-steps 250)
 CLIP_ARGS=(--model zh-tiny --batch-size 128 --lr 3e-3 --warmup-steps 20 --max-steps 70)
 N_GEN=64; COND_SCALE=3; GEN_TOP_K=8; TOP_K=4; GROUP=32  # GEN_TOP_K: sampling; TOP_K: reranked images kept
+# GENERATORS: NAME:FOLDER (under $RUN) of each generator's @prompts output, evaluated against the real val images into
+# $RUN/eval/NAME.json, which the report reads whatever the names (a masked generator adds e.g. masked:gen_masked)
+GENERATORS=(dalle:gen)
 PROMPTS=("一个大的红色正方形" "一个大的蓝色圆形" "一个大的绿色三角形" "一个大的黄色星形"
          "一个大的红色圆形" "一个大的蓝色菱形" "一个大的绿色星形" "一个大的黄色三角形")
 if [ "${DEMO_PROFILE:-full}" = ci ]; then
@@ -154,6 +158,16 @@ if ! done_mark generate; then
   echo "  ${#PROMPTS[@]} prompts generated and ranked: $RUN/gen/p*/ (rankings: $RUN/ranking.txt)"
   mark generate compute
 fi
+if ! done_mark eval; then
+  # sample quality, offline: the Frechet distance of the judge's penultimate features, generated vs real val images
+  # (no FID here: its Inception weights are a download; `--inception-weights FILE` adds FID/KID)
+  begin eval
+  for g in "${GENERATORS[@]}"; do
+    step $PY -m zh_t2i_eval "$RUN/${g#*:}" --real "$RUN/data/val_clip.csv" --judge "$RUN/judge" --no-fid \
+      --out "$RUN/eval/${g%%:*}.json"
+  done
+  mark eval compute
+fi
 begin report
 step $PY -m zh_t2i_demo report "$RUN" --top-k $TOP_K --group-size $GROUP
 printf 'report\t%s\tcompute\n' "$(since "$t")" >> "$RUN/timings.tsv"
@@ -172,4 +186,5 @@ downloaded images + exports $RUN/data/   (open_clip CSV, DALLE/BriVL JSONL, webd
 image tokenizer             $RUN/vae/   held-out metrics: $RUN/vae_eval.json
 DALLE / CLIP runs           $RUN/dalle/   $RUN/clip/
 generations + rankings      $RUN/gen/p*/   ({i}.png, grid.png, ranking.json, top/, ranked_grid.png)
+sample quality              $RUN/eval/*.json   (judge-space Frechet distance vs the real val images)
 DONE

@@ -218,6 +218,9 @@ BASE: dict[str, list] = {
     "zh_t2i_demo report": [Slot("demo-run", "{W:empty_run}")],
     "zh_t2i_demo calibrate": None,  # reads nothing
     "zh_t2i_demo steps": [Slot("demo-run", "{W:empty_run}")],
+    "zh_t2i_eval": [Slot("images-dir", "{W:gen}"), "--real", Slot("images", "{W:val}"), "--judge",
+                    Slot("checkpoint", "{W:judge}"), "--scorer", Slot("checkpoint", "{W:clip}", "clip:{}"),
+                    "--prompt", PROMPT, "--no-fid", "--device", "cpu", "--out", "{NEW}.json"],
 }
 
 # The broken versions of each kind of input, as (variant, bytes or a builder). Written into the case's scratch dir.

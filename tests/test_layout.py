@@ -24,17 +24,21 @@ ALLOWED: dict[str, set[str]] = {
     "dalle_train": {"zh_t2i_base", "form_data", "train_runtime", "vae_train"},
     "zh_t2i_rerank": {"zh_t2i_base", "form_data", "clip_train", "brivl_infer"},
     "zh_t2i_demo": {"zh_t2i_base", "form_data"},
+    "zh_t2i_eval": {"zh_t2i_base", "form_data", "zh_t2i_rerank", "zh_t2i_demo"},
     "dalle_gen": {"zh_t2i_base", "dalle_train"},
     "clip_sort": {"zh_t2i_base", "zh_t2i_rerank"},
 }
 # Model files: torch (and third-party model libraries), nothing of ours but the sibling component files listed.
 MODEL_FILES = sorted({*REPO.glob("*/model.py")} - {REPO / "tests/model.py"}) + [
     REPO / "vae_train" / f"{name}.py" for name in
-    ("protocol", "dvae", "vqgan", "quantizers", "styled", "lpips", "discriminator", "vqgan_loss")]
-MODEL_SIBLINGS = {"vae_train.protocol", "vae_train.quantizers", "vae_train.lpips", "vae_train.discriminator"}
+    ("protocol", "dvae", "vqgan", "quantizers", "styled", "lpips", "discriminator", "vqgan_loss")] + [
+    REPO / "dalle_train" / "masked.py"]
+MODEL_SIBLINGS = {"vae_train.protocol", "vae_train.quantizers", "vae_train.lpips", "vae_train.discriminator",
+                  "dalle_train.model"}
 # What loading a checkpoint for inference starts from, and what it must never reach.
 INFERENCE = ["dalle_gen", "clip_sort", "dalle_train.generate", "vae_train.load", "clip_train.load", "brivl_infer.load",
-             "zh_t2i_rerank.registry", "zh_t2i_rerank.clip", "zh_t2i_rerank.cnclip", "zh_t2i_rerank.brivl"]
+             "zh_t2i_rerank.registry", "zh_t2i_rerank.clip", "zh_t2i_rerank.cnclip", "zh_t2i_rerank.brivl",
+             "zh_t2i_eval.samples"]
 TRAINING = re.compile(r"(^|\.)train$|^train_runtime\.trainer$")
 
 

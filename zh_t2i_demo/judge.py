@@ -155,6 +155,16 @@ class Judge:
             out.extend(SHAPES[i] for i in self.net(x).argmax(-1).tolist())
         return out
 
+    @torch.no_grad()
+    def features(self, images: Sequence[Image.Image | np.ndarray], batch_size: int = 256) -> np.ndarray:
+        """[N, D] float32: the shape classifier's penultimate features (its pooled conv features, the input of its
+        head; D = 64), of the colour-blind map: the feature space of ``zh_t2i_eval``'s judge-space Fréchet distance."""
+        out = [np.zeros((0, self.net.head.in_features), dtype=np.float32)]
+        for lo in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.stack([colour_blind(im, self.size) for im in images[lo:lo + batch_size]]))[:, None]
+            out.append(self.net.features(x).flatten(1).numpy())
+        return np.concatenate(out)
+
     def verdicts(self, images: Sequence[Image.Image | np.ndarray]) -> list[Verdict]:
         return [Verdict(object_colour(im, self.size), s) for im, s in zip(images, self.shapes(images), strict=True)]
 

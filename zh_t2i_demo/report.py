@@ -7,13 +7,17 @@ layout it reads (what ``scripts/demo.sh`` writes)::
     RUN/judge/ (judge.pt, judge_report.json, calib_attributes.jsonl, recon/{i}.png)
     RUN/dalle/metrics.jsonl   RUN/clip/ (metrics.jsonl, result.json)   RUN/timings.tsv (step, seconds, kind)
     RUN/gen/<name>/ ({i}.png, meta.json, ranking.json) — one directory per prompt
+    RUN/eval/<generator>.json — ``python -m zh_t2i_eval`` of each generator's images against the real val images
 
 Metrics:
 S1 tokenizer: held-out PSNR, codebook usage. S2 adherence of the generated images (judge: colour by pixel statistics,
 shape by a colour-blind classifier), seen vs unseen combinations. S3 rerank gain: "both correct" among the top-k by
 the reranker minus the expected "both correct" of a random k of the same samples (= the group's mean), per group of
 ``group_size`` samples (images with distinct seeds), averaged over groups and prompts, with the spread. S4 CLIP
-retrieval on the val split at the attribute level (and strict 1:1 R@1 for reference).
+retrieval on the val split at the attribute level (and strict 1:1 R@1 for reference). S5 sample quality, per
+generator (one ``RUN/eval/<generator>.json`` each, whatever generators the run has: the demo's DALLE now, a masked
+generator's folder later): the Fréchet distance between the judge's penultimate features of its images and of the
+real val images, and whatever else that evaluation computed (FID/KID, a text-image score); no target.
 """
 
 from __future__ import annotations
@@ -88,6 +92,23 @@ def _clip_metrics(run: Path) -> dict[str, float]:
     return out
 
 
+def sample_quality(run: Path) -> dict[str, dict]:
+    """``{generator: {"n_generated": .., "n_real": .., <metric>: ..}}`` from every ``RUN/eval/<generator>.json``
+    (``python -m zh_t2i_eval``'s output), in name order; {} when the run has none."""
+    out: dict[str, dict] = {}
+    for path in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
+        data = _json(path, "metrics", "generated", "real")
+        metrics, gen, real = data["metrics"], data["generated"], data["real"]
+        if not (isinstance(metrics, dict) and isinstance(gen, dict) and isinstance(real, dict)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+                and isinstance(gen.get("n"), int) and isinstance(real.get("n"), int)):
+            raise UserError(f"{path}: not an output of `python -m zh_t2i_eval` (numbers under \"metrics\", counts "
+                            f"under \"generated\" and \"real\"); run it again")
+        out[path.stem] = {"n_generated": gen["n"], "n_real": real["n"],
+                          **{k: float(v) for k, v in metrics.items()}}
+    return out
+
+
 def collect(run: str | os.PathLike, top_k: int = 4, holdout: str = "default", group_size: int = 32) -> dict:
     run = Path(run)
     held = set(parse_holdout(holdout))
@@ -134,6 +155,8 @@ def collect(run: str | os.PathLike, top_k: int = 4, holdout: str = "default", gr
     m["S3/groups"] = len(gains)
     m["S3/top_k"], m["S3/group_size"] = top_k, group_size
     m.update(_clip_metrics(run))
+    for generator, figures in sample_quality(run).items():
+        m.update({f"S5/{generator}/{k}": v for k, v in figures.items()})
     m["prompts"] = [{k: v for k, v in p.items() if k not in ("images", "scores")} for p in prompts]
     return {"metrics": m, "prompts": prompts}
 
@@ -146,6 +169,9 @@ def table(m: dict) -> str:
             lines.append(f"{key:28s}{'-':>10s}{target:>10g}  -")
             continue
         lines.append(f"{key:28s}{v:10.3f}{target:>10g}  {'yes' if v >= target else 'NO'}")
+    for key, v in m.items():  # sample quality (S5): reported, no target
+        if key.startswith("S5/") and not key.endswith(("/n_generated", "/n_real")):
+            lines.append(f"{key:28s}{v:10.4g}{'-':>10s}  -")
     return "\n".join(lines)
 
 
@@ -198,6 +224,21 @@ def write_html(run: Path, data: dict) -> Path:
                     f"<td>{target:g}</td><td>{ok or '-'}</td></tr>")
     others = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in m.items()
                      if k not in TARGETS and k not in ("prompts", "calibration"))
+    quality = ""
+    generators = sorted({k.split("/")[1] for k in m if k.startswith("S5/")})
+    if generators:
+        names = sorted({k.split("/", 2)[2] for k in m if k.startswith("S5/")} - {"n_generated", "n_real"})
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        body = "".join(
+            f"<tr><td>{html.escape(g)}</td><td>{m.get(f'S5/{g}/n_generated', '-')}</td>"
+            f"<td>{m.get(f'S5/{g}/n_real', '-')}</td>"
+            + "".join(f"<td>{m[f'S5/{g}/{n}']:.4g}</td>" if f"S5/{g}/{n}" in m else "<td>-</td>" for n in names)
+            + "</tr>"
+            for g in generators)
+        quality = ("<h2>Sample quality against the real val images (S5, lower is closer)</h2><p>judge_fd: the "
+                   "Fréchet distance between the judge's penultimate features (colour-blind shape features) of the "
+                   "generated images and of the real val images (<code>python -m zh_t2i_eval</code>).</p><table>"
+                   f"<tr><th>generator</th><th>generated</th><th>real</th>{head}</tr>{body}</table>")
     timings = ""
     if (run / "timings.tsv").is_file():
         timings = f"<h2>Steps</h2><pre>{html.escape(step_table(run))}</pre>"
@@ -212,7 +253,7 @@ figure.top{{border-color:#e0a000}} figure img{{width:64px;height:64px;image-rend
 <p>{html.escape(m.get('date', ''))} · {html.escape(m.get('machine', ''))}. Adherence is judged without the models
 under test: colour from pixel statistics, shape by a colour-blind classifier trained on the training images.</p>
 <h2>Metrics and targets</h2><table><tr><th>metric</th><th>value</th><th>target</th><th></th></tr>{''.join(rows)}
-</table>{timings}<h2>Training curves</h2>"""]
+</table>{quality}{timings}<h2>Training curves</h2>"""]
     parts += [f"<img alt='{n} curves' src='{src}'>" for n, src in curves]
     if (run / "vae" / "recon_latest.png").is_file():
         parts.append("<h2>Image tokenizer: originals (top) and reconstructions</h2>"
