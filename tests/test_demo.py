@@ -38,7 +38,7 @@ def test_demo_writes_every_artefact_and_finite_metrics(demo_run):
     run = demo_run
     for rel in ("raw/wukong_raw.csv", "clean/train.csv", "data/train_clip.csv", "data/wds", "vocab.txt",
                 "vae_eval.json", "judge/judge.pt", "tokens/train.pt", "tokens/val.pt", "dalle/dalle.safetensors",
-                "clip/result.json", "metrics.json", "report.html", "timings.tsv"):
+                "clip/result.json", "eval/dalle.json", "metrics.json", "report.html", "timings.tsv"):
         assert (run / rel).exists(), rel
     for p in ("p0", "p1"):
         gen = run / "gen" / p
@@ -53,11 +53,14 @@ def test_demo_writes_every_artefact_and_finite_metrics(demo_run):
             assert 0.0 <= value <= 1.0, (key, value)
     assert 0 < m["S1/psnr"] < 60 and 0 < m["S1/codebook_usage"] <= 1
     assert -100 <= m["S3/gain_points"] <= 100
+    # S5: the judge-space Fréchet distance of the demo's generator (python -m zh_t2i_eval), 2 prompts x 8 images
+    assert math.isfinite(m["S5/dalle/judge_fd"]) and m["S5/dalle/judge_fd"] >= 0
+    assert m["S5/dalle/n_generated"] == 16 and m["S5/dalle/n_real"] > 0
     assert {p["seen"] for p in m["prompts"]} == {True, False}  # a seen and an unseen combination
     commands = [line for line in (run / "stdout.txt").read_text().splitlines() if line.startswith("+ ")]
     for needed in ("form_data synth", "form_data clean", "form_data download", "form_data export", "form_data vocab",
                    "-m vae_train", "vae_train tokenize", "-m dalle_train", "-m clip_train", "dalle_gen.py",
-                   "clip_sort.py", "zh_t2i_demo report"):
+                   "clip_sort.py", "zh_t2i_eval", "zh_t2i_demo report"):
         assert any(needed in c for c in commands), f"no printed command for {needed}"
 
 
@@ -81,14 +84,15 @@ def test_demo_prints_calibration_and_step_table(demo_run):
     cal = json.loads((demo_run / "calibration.json").read_text())
     assert cal["matmul_gflops"] > 0 and cal["slow_kind_factor"] >= 1
     table = out[out.index("== per-step wall time"):]
-    for name in ("raw", "download", "vae", "judge", "tokenize", "dalle", "clip", "generate", "report", "total"):
+    for name in ("raw", "download", "vae", "judge", "tokenize", "dalle", "clip", "generate", "eval", "report",
+                 "total"):
         assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+\s", table, re.MULTILINE), (name, table)
     assert "compute-bound steps x" in table and "on the slow kind" in table
     from zh_t2i_demo.steps import read_steps
 
     steps = {s.name: s for s in read_steps(demo_run)}
     # every CLI process of a step logged its start-up line: train + eval, two splits, one trainer, gen + rerank
-    processes = {"vae": 2, "judge": 2, "tokenize": 2, "dalle": 1, "clip": 1, "generate": 2, "report": 1}
+    processes = {"vae": 2, "judge": 2, "tokenize": 2, "dalle": 1, "clip": 1, "generate": 2, "eval": 1, "report": 1}
     assert {name: steps[name].processes for name in processes} == processes
     assert steps["download"].kind == "io" and steps["dalle"].kind == "compute"
 

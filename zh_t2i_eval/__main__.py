@@ -50,7 +50,7 @@ def build_parser() -> ArgumentParser:
                        "offline: FID/KID (torch-fidelity, local Inception weights), a reranking scorer's mean "
                        "text-image score, the judge-space Fréchet distance. Writes one JSON, prints a table.")
     p.add_argument("gen", type=IN_DIR, help="generated images: GEN/{i}.png (+ meta.json) or GEN/p{i}/ per prompt")
-    p.add_argument("--real", type=PathArg("in", content="images"),
+    p.add_argument("--real", type=PathArg("in", content="images", urls=True),
                    help="real images: a folder, a CSV/JSONL listing or webdataset shards (needed by FID/KID, --judge)")
     fid = p.add_mutually_exclusive_group()
     fid.add_argument("--inception-weights", type=WeightsArg(f"expected {WHERE}"),
@@ -62,7 +62,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--scorer", help="a reranking scorer (as clip_sort.py's --scorer, e.g. clip:runs/clip): mean "
                    "text-image score, overall and per prompt")
     p.add_argument("--prompt", type=prompt_text, help="the prompt, where no meta.json gives it (for --scorer)")
-    p.add_argument("--out", type=OUT_FILE, help="the JSON written (default: GEN/eval.json)")
+    p.add_argument("--out", type=OUT_FILE, help="the JSON to write; when not given, GEN/eval.json")
     p.add_argument("--max-real", type=positive_int, help="use at most this many real images (default: all)")
     p.add_argument("--kid-subsets", type=positive_int, default=100, help="KID: random subsets averaged")
     p.add_argument("--kid-subset-size", type=int_at_least(2), default=1000,
