@@ -30,6 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_styled_vq_dalle import flags, sh  # noqa: E402 - its sibling script: the same way of running the commands
+
 from dalle_train.generate import generate, load_dalle  # noqa: E402 - run as a script from the repo root
 from form_data.synth import parse_caption, parse_holdout  # noqa: E402
 from zh_t2i_demo.judge import Judge, score_dir  # noqa: E402
@@ -39,19 +41,6 @@ DALLE_FLAGS = ("dim", "depth", "heads", "dim_head", "ff_mult", "loss_img_weight"
 RUNTIME_FLAGS = ("batch_size", "lr", "warmup_steps", "max_steps", "grad_clip", "seed", "weight_decay", "beta2",
                  "schedule")
 FIGURES = [f"{g}/{w}" for g in ("seen", "unseen") for w in ("colour", "shape", "both")]
-
-
-def sh(*args: str, stdout=None) -> None:
-    print("+ python", " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], check=True, cwd=REPO, stdout=stdout)
-
-
-def flags(section: dict, names) -> list[str]:
-    out = []
-    for n in names:
-        if section.get(n) is not None:
-            out += [f"--{n.replace('_', '-')}", str(section[n])]
-    return out
 
 
 def quality(judge: Judge, gen: Path, held: set, top_k: int, group: int) -> dict:

@@ -33,10 +33,10 @@ DALLE_FLAGS = ("dim", "depth", "heads", "dim_head", "ff_mult", "loss_img_weight"
 RUNTIME_FLAGS = ("batch_size", "lr", "warmup_steps", "max_steps", "max_time", "grad_clip", "seed")
 
 
-def sh(*args: str) -> None:
+def sh(*args: str, stdout=None) -> None:
     cmd = [sys.executable, *args]
     print("+ python", " ".join(args), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=stdout)
 
 
 def flags(section: dict, names) -> list[str]:
