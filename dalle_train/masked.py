@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle_train.model import DALLE, Block, DALLEConfig
+from dalle_train.model import DALLE, DALLEConfig
 
 
 def masked_count(ratio: float, n: int) -> int:
@@ -55,24 +55,15 @@ class MaskedDALLE(nn.Module):
         self.text_emb = nn.Embedding(cfg.num_text_tokens, cfg.dim)
         self.image_emb = nn.Embedding(cfg.num_image_tokens + 1, cfg.dim)  # + [MASK]
         self.text_pos_emb = nn.Embedding(cfg.text_seq_len, cfg.dim)
-        if cfg.image_fmap_size:
-            self.image_row_emb = nn.Embedding(cfg.image_fmap_size, cfg.dim)
-            self.image_col_emb = nn.Embedding(cfg.image_fmap_size, cfg.dim)
-        else:
-            self.image_pos_emb = nn.Embedding(cfg.image_seq_len, cfg.dim)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm_out = nn.LayerNorm(cfg.dim)
+        self.build_stack(cfg)
         if cfg.tie_embeddings:  # the real ids' rows of the input embedding, plus a bias
             self.image_logits_bias = nn.Parameter(torch.zeros(cfg.num_image_tokens))
         else:
             self.to_image_logits = nn.Linear(cfg.dim, cfg.num_image_tokens)
         self.apply(DALLE._init)
-        for block in self.blocks:  # GPT-2 style: residual projections scaled by depth
-            for lin in (block.attn.to_out, block.ff.proj_out):
-                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.depth))
+        self.scale_residuals()
 
-    image_positions = DALLE.image_positions
+    build_stack, scale_residuals, image_positions = DALLE.build_stack, DALLE.scale_residuals, DALLE.image_positions
     _check_text = DALLE._check_text
 
     @property

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dalle_train.masked import MaskedDALLE
-from dalle_train.sample import guided, top_k_count
+from dalle_train.sample import caption_batches, guided, sampling_mode, top_k_count
 
 DEFAULT_STEPS = 12
 DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's
@@ -93,17 +93,12 @@ def sample_tokens_masked(model: MaskedDALLE, text: Tensor, seeds: list[int], *, 
     n = len(seeds)
     if n < 1:
         raise ValueError("need at least one seed (one image)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if not math.isfinite(choice_temperature) or choice_temperature < 0:
         raise ValueError(f"choice_temperature must be a finite number >= 0, got {choice_temperature}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    text = text.reshape(-1, cfg.text_seq_len)
-    if text.shape[0] not in (1, n):
-        raise ValueError(f"text holds {text.shape[0]} captions for {n} images")
     if init_tokens is None:
         init_tokens = torch.full((1, cfg.image_seq_len), model.mask_id, dtype=torch.long)
     init_tokens = init_tokens.reshape(-1, cfg.image_seq_len).long().cpu()
@@ -113,35 +108,21 @@ def sample_tokens_masked(model: MaskedDALLE, text: Tensor, seeds: list[int], *, 
         raise ValueError(f"init_tokens must be image ids in [0, {model.mask_id}] ({model.mask_id} = [MASK])")
     k = top_k_count(cfg.num_image_tokens, top_k, filter_thres)
     guidance = cond_scale != 1.0 if guidance is None else guidance
-    device = model.text_emb.weight.device
-    was_training = model.training
-    model.eval()
     out = torch.empty(n, cfg.image_seq_len, dtype=torch.long)
-    bar = tqdm(total=n * steps, desc="sampling", unit="img-step", disable=not progress, leave=False)
-    try:
-        for lo in range(0, n, batch_size):
-            rows = list(range(lo, min(n, lo + batch_size)))
+    with sampling_mode(model, autocast_dtype), tqdm(total=n * steps, desc="sampling", unit="img-step",
+                                                    disable=not progress, leave=False) as bar:
+        for rows, t, generators in caption_batches(model, text, seeds, batch_size, guidance):
             b = len(rows)
-            t = (text.expand(n, -1) if text.shape[0] == 1 else text)[rows].to(device)
-            if guidance:
-                t = torch.cat([t, torch.full_like(t, cfg.text_pad_id)])
-            tokens = (init_tokens.expand(n, -1) if init_tokens.shape[0] == 1 else init_tokens)[rows].to(device)
+            tokens = (init_tokens.expand(n, -1) if init_tokens.shape[0] == 1 else init_tokens)[rows].to(t.device)
             counts = torch.tensor([mask_schedule(int(m), steps) for m in (tokens == model.mask_id).sum(1).tolist()])
-            generators = [torch.Generator().manual_seed(int(seeds[r])) for r in rows]
-            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(
-                device.type, enabled=False)
-            with ctx:
-                for s in range(steps):
-                    if not bool((tokens == model.mask_id).any()):
-                        bar.update(b * (steps - s))
-                        break
-                    logits = model.logits(t, torch.cat([tokens, tokens]) if guidance else tokens)
-                    scores = guided(logits, cond_scale) if guidance else logits
-                    noise = choice_temperature * (1.0 - (s + 1) / steps)
-                    tokens = decode_step(scores, tokens, counts[:, s], k, temperature, noise, order, generators)
-                    bar.update(b)
+            for s in range(steps):
+                if not bool((tokens == model.mask_id).any()):
+                    bar.update(b * (steps - s))
+                    break
+                logits = model.logits(t, torch.cat([tokens, tokens]) if guidance else tokens)
+                scores = guided(logits, cond_scale) if guidance else logits
+                noise = choice_temperature * (1.0 - (s + 1) / steps)
+                tokens = decode_step(scores, tokens, counts[:, s], k, temperature, noise, order, generators)
+                bar.update(b)
             out[rows] = tokens.cpu()
-    finally:
-        bar.close()
-        model.train(was_training)
     return out

@@ -152,6 +152,18 @@ class DALLE(nn.Module):
         self.image_emb = nn.Embedding(cfg.num_image_tokens, cfg.dim)
         self.bos = nn.Parameter(torch.zeros(cfg.dim))
         self.text_pos_emb = nn.Embedding(cfg.text_seq_len + 1, cfg.dim)  # BOS + text
+        self.build_stack(cfg)
+        self.to_text_logits = nn.Linear(cfg.dim, cfg.num_text_tokens, bias=not cfg.tie_embeddings)
+        self.to_image_logits = nn.Linear(cfg.dim, cfg.num_image_tokens, bias=not cfg.tie_embeddings)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.to_text_logits.weight = self.text_emb.weight
+            self.to_image_logits.weight = self.image_emb.weight
+        self.scale_residuals()
+
+    def build_stack(self, cfg: DALLEConfig) -> None:
+        """The image position tables (axial row + column over a grid, else 1D), dropout, the blocks and the output
+        norm: what this model and :class:`dalle_train.masked.MaskedDALLE` share, in this order."""
         if cfg.image_fmap_size:
             self.image_row_emb = nn.Embedding(cfg.image_fmap_size, cfg.dim)
             self.image_col_emb = nn.Embedding(cfg.image_fmap_size, cfg.dim)
@@ -160,15 +172,12 @@ class DALLE(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.dim)
-        self.to_text_logits = nn.Linear(cfg.dim, cfg.num_text_tokens, bias=not cfg.tie_embeddings)
-        self.to_image_logits = nn.Linear(cfg.dim, cfg.num_image_tokens, bias=not cfg.tie_embeddings)
-        self.apply(self._init)
-        if cfg.tie_embeddings:
-            self.to_text_logits.weight = self.text_emb.weight
-            self.to_image_logits.weight = self.image_emb.weight
-        for block in self.blocks:  # GPT-2 style: residual projections scaled by depth
+
+    def scale_residuals(self) -> None:
+        """GPT-2 style: the residual projections of every block initialised with std 0.02 / sqrt(2 depth)."""
+        for block in self.blocks:
             for lin in (block.attn.to_out, block.ff.proj_out):
-                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.depth))
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
 
     @staticmethod
     def _init(m: nn.Module) -> None:

@@ -10,8 +10,11 @@ depend on the batch size or on the other images of the call (up to floating-poin
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from dalle_train.model import DALLE
@@ -51,6 +54,42 @@ def pick(logits: Tensor, k: int, temperature: float, generators: list[torch.Gene
 
 
 @torch.no_grad()
+def caption_batches(model: nn.Module, text: Tensor, seeds: list[int], batch_size: int, guidance: bool
+                    ) -> Iterator[tuple[list[int], Tensor, list[torch.Generator]]]:
+    """The batches both samplers (this one and :mod:`dalle_train.masked_sample`) draw ``len(seeds)`` images in:
+    ``(rows, captions, generators)`` with the batch's captions on the model's device (the null caption appended as a
+    second half when ``guidance``) and one generator per image seeded with its seed, so that image ``i`` does not
+    depend on the batch size. ``text``: one caption for every image or one per image."""
+    cfg, n = model.cfg, len(seeds)
+    if n < 1:
+        raise ValueError("need at least one seed (one image)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    text = text.reshape(-1, cfg.text_seq_len)
+    if text.shape[0] not in (1, n):
+        raise ValueError(f"text holds {text.shape[0]} captions for {n} images")
+    device = model.text_emb.weight.device
+    for lo in range(0, n, batch_size):
+        rows = list(range(lo, min(n, lo + batch_size)))
+        t = (text.expand(n, -1) if text.shape[0] == 1 else text)[rows].to(device)
+        if guidance:
+            t = torch.cat([t, torch.full_like(t, cfg.text_pad_id)])
+        yield rows, t, [torch.Generator().manual_seed(int(seeds[r])) for r in rows]
+
+
+@contextlib.contextmanager
+def sampling_mode(model: nn.Module, autocast_dtype: torch.dtype | None) -> Iterator[None]:
+    """``model`` in eval mode (its training flag put back afterwards), under autocast to ``autocast_dtype`` or none."""
+    device = model.text_emb.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def sample_tokens(model: DALLE, text: Tensor, seeds: list[int], *, batch_size: int = 32, top_k: int | None = None,
                   filter_thres: float | None = None, temperature: float = 1.0, cond_scale: float = 1.0,
                   guidance: bool | None = None, progress: bool = False,
@@ -63,43 +102,22 @@ def sample_tokens(model: DALLE, text: Tensor, seeds: list[int], *, batch_size: i
     """
     cfg = model.cfg
     n = len(seeds)
-    if n < 1:
-        raise ValueError("need at least one seed (one image)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    text = text.reshape(-1, cfg.text_seq_len)
-    if text.shape[0] not in (1, n):
-        raise ValueError(f"text holds {text.shape[0]} captions for {n} images")
     k = top_k_count(cfg.num_image_tokens, top_k, filter_thres)
     guidance = cond_scale != 1.0 if guidance is None else guidance
-    device = model.text_emb.weight.device
-    was_training = model.training
-    model.eval()
     out = torch.empty(n, cfg.image_seq_len, dtype=torch.long)
-    bar = tqdm(total=n * cfg.image_seq_len, desc="sampling", unit="tok", disable=not progress, leave=False)
-    try:
-        for lo in range(0, n, batch_size):
-            rows = list(range(lo, min(n, lo + batch_size)))
+    with sampling_mode(model, autocast_dtype), tqdm(total=n * cfg.image_seq_len, desc="sampling", unit="tok",
+                                                    disable=not progress, leave=False) as bar:
+        for rows, t, generators in caption_batches(model, text, seeds, batch_size, guidance):
             b = len(rows)
-            t = (text.expand(n, -1) if text.shape[0] == 1 else text)[rows].to(device)
-            if guidance:
-                t = torch.cat([t, torch.full_like(t, cfg.text_pad_id)])
-            generators = [torch.Generator().manual_seed(int(seeds[r])) for r in rows]
             cache = model.new_cache(t.shape[0])
-            tokens = torch.empty(b, cfg.image_seq_len, dtype=torch.long, device=device)
-            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(
-                device.type, enabled=False)
-            with ctx:
-                logits = model.prefill(t, cache)
-                for i in range(cfg.image_seq_len):
-                    scores = guided(logits, cond_scale) if guidance else logits
-                    tokens[:, i] = pick(scores, k, temperature, generators)
-                    bar.update(b)
-                    if i + 1 < cfg.image_seq_len:
-                        step_in = torch.cat([tokens[:, i], tokens[:, i]]) if guidance else tokens[:, i]
-                        logits = model.step(step_in, cache)
+            tokens = torch.empty(b, cfg.image_seq_len, dtype=torch.long, device=t.device)
+            logits = model.prefill(t, cache)
+            for i in range(cfg.image_seq_len):
+                scores = guided(logits, cond_scale) if guidance else logits
+                tokens[:, i] = pick(scores, k, temperature, generators)
+                bar.update(b)
+                if i + 1 < cfg.image_seq_len:
+                    step_in = torch.cat([tokens[:, i], tokens[:, i]]) if guidance else tokens[:, i]
+                    logits = model.step(step_in, cache)
             out[rows] = tokens.cpu()
-    finally:
-        bar.close()
-        model.train(was_training)
     return out
