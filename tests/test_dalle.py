@@ -108,22 +108,28 @@ def test_same_seed_same_images_independent_of_batch_size():
 # training on the synthetic set, and generation from the checkpoint
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> dict[str, Path]:
-    """Synthetic set (16 px) -> a dVAE (few steps; its encoding is deterministic) -> token files."""
-    root = tmp_path_factory.mktemp("dalle")
-    synth.write_dataset(root / "data", n_train=256, n_val=64, image_size=16, progress=False)
+def token_pipeline(root: Path, n_train: int, n_val: int, vae_steps: int, width: int, codes: int,
+                   batch_size: int) -> dict[str, Path]:
+    """Synthetic set (16 px) -> a dVAE-VQ (``width`` channels and code size, ``codes`` codes; its encoding is
+    deterministic) -> token files of both splits and a vocab of the captions' own characters (a 21128-entry text head
+    would cost most of a CPU step)."""
+    synth.write_dataset(root / "data", n_train=n_train, n_val=n_val, image_size=16, progress=False)
     vc = VAEConfig(model="dvae", train_data=str(root / "data" / "train_clip.csv"), image_size=16, num_layers=2,
-                   hidden_dim=16, num_resnet_blocks=0, num_tokens=32, emb_dim=16, quantizer="vq", eval_images=16)
-    train_vae(vc, RuntimeConfig(out_dir=str(root / "vae"), max_steps=30, batch_size=16, workers=0, lr=3e-3,
-                                log_every=10, save_every=1000))
+                   hidden_dim=width, num_resnet_blocks=0, num_tokens=codes, emb_dim=width, quantizer="vq",
+                   eval_images=16)
+    train_vae(vc, RuntimeConfig(out_dir=str(root / "vae"), max_steps=vae_steps, batch_size=batch_size, workers=0,
+                                lr=3e-3, log_every=10, save_every=1000))
     for split in ("train", "val"):
         tokenize(str(root / "vae"), str(root / "data" / f"{split}_clip.csv"), root / f"{split}_tokens.pt",
                  batch_size=64, workers=0, progress=False)
-    # a vocab of the captions' own characters: a 21128-entry text head would cost most of a CPU step
     build_vocab(read_captions(root / "data" / "train_clip.csv"), root / "vocab.txt")
     return {"root": root, "vae": root / "vae", "train": root / "train_tokens.pt", "val": root / "val_tokens.pt",
             "vocab": root / "vocab.txt"}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict[str, Path]:
+    return token_pipeline(tmp_path_factory.mktemp("dalle"), 256, 64, vae_steps=30, width=16, codes=32, batch_size=16)
 
 
 def image_ce(model: DALLE, token_file: Path, vocab: Path) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_dalle import token_pipeline
 
 from conftest import one_line_error
 from dalle_train.generate import generate, load_dalle, read_checkpoint
@@ -18,12 +19,7 @@ from dalle_train.masked import MaskedDALLE, masked_count, random_mask
 from dalle_train.masked_sample import mask_schedule, sample_tokens_masked
 from dalle_train.model import DALLE, DALLEConfig
 from dalle_train.train import DALLETrainConfig, train
-from form_data import synth
-from form_data.tokenizer import build_vocab, read_captions
 from train_runtime import RuntimeConfig
-from vae_train.tokenize import tokenize
-from vae_train.train import VAEConfig
-from vae_train.train import train as train_vae
 from zh_t2i_base.cli import UserError
 
 
@@ -198,19 +194,12 @@ def test_tiny_model_overfits_one_caption():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Synthetic set (16 px) -> a 1-step dVAE (enough to decode) -> token files -> a masked and an AR DALLE."""
-    root = tmp_path_factory.mktemp("masked")
-    synth.write_dataset(root / "data", n_train=32, n_val=8, image_size=16, progress=False)
-    vc = VAEConfig(model="dvae", train_data=str(root / "data" / "train_clip.csv"), image_size=16, num_layers=2,
-                   hidden_dim=8, num_resnet_blocks=0, num_tokens=16, emb_dim=8, quantizer="vq", eval_images=8)
-    train_vae(vc, RuntimeConfig(out_dir=str(root / "vae"), max_steps=1, batch_size=8, workers=0, save_every=1000))
-    for split in ("train", "val"):
-        tokenize(str(root / "vae"), str(root / "data" / f"{split}_clip.csv"), root / f"{split}.pt", batch_size=32,
-                 workers=0, progress=False)
-    build_vocab(read_captions(root / "data" / "train_clip.csv"), root / "vocab.txt")
-    out = {"root": root, "vocab": root / "vocab.txt", "val": root / "val.pt"}
+    tokens = token_pipeline(tmp_path_factory.mktemp("masked"), 32, 8, vae_steps=1, width=8, codes=16, batch_size=8)
+    root = tokens["root"]
+    out = {"root": root, "vocab": tokens["vocab"], "val": tokens["val"]}
     for kind, steps in (("masked", 20), ("dalle", 2)):
-        dc = DALLETrainConfig(kind=kind, train_data=str(root / "train.pt"), val_data=str(root / "val.pt"),
-                              vocab=str(root / "vocab.txt"), text_seq_len=16, dim=32, depth=1, heads=2, dim_head=16,
+        dc = DALLETrainConfig(kind=kind, train_data=str(tokens["train"]), val_data=str(tokens["val"]),
+                              vocab=str(tokens["vocab"]), text_seq_len=16, dim=32, depth=1, heads=2, dim_head=16,
                               null_cond_prob=0.2, sample_images=2, sample_steps=4)
         train(dc, RuntimeConfig(out_dir=str(root / kind), max_steps=steps, batch_size=8, lr=3e-3, workers=0,
                                 log_every=5, save_every=1000))
@@ -288,5 +277,5 @@ def test_dalle_gen_refuses_masked_flags_for_an_ar_checkpoint(runs, tmp_path, cli
 
 
 def test_train_cli_refuses_an_unknown_kind(runs, cli_fast):
-    r = cli_fast("-m", "dalle_train", "--kind", "diffusion", "--train-data", str(runs["root"] / "train.pt"))
+    r = cli_fast("-m", "dalle_train", "--kind", "diffusion", "--train-data", str(runs["root"] / "train_tokens.pt"))
     assert "--kind" in one_line_error(r)
