@@ -27,6 +27,7 @@ from tqdm import tqdm
 from form_data.synth import COLOURS, SHAPES, all_combos, generate_split, parse_caption, render
 from zh_t2i_base.cli import UserError
 from zh_t2i_base.fileio import load_torch
+from zh_t2i_base.images import numbered_images
 
 JUDGE_SIZE = 64  # every image is judged at this side
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
@@ -265,10 +266,8 @@ def train_judge(data: str | os.PathLike, out: str | os.PathLike, holdout: str = 
 
 
 def _numbered_images(folder: Path, n: int | None = None) -> list[Path]:
-    found = {}
-    for p in folder.iterdir():
-        if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.stem.isdigit():
-            found[int(p.stem)] = p
+    """``folder/0..n-1.png|jpg`` (all of them without ``n``), every one present."""
+    found = numbered_images(folder)
     count = len(found) if n is None else n
     missing = [i for i in range(count) if i not in found]
     if missing or not found:
